@@ -1,0 +1,301 @@
+"""Cartesian undersampling masks: Poisson disc (2D), fastMRI-style 1D random and equispaced
+lines, and variable-density k-t line patterns for 2D+time.
+
+Every mask is a float32 tensor of 0/1 in the centered k-space layout of
+[`mri.fft.fftc`][mri.fft.fftc] (zero frequency at index ``n // 2``); acceleration means
+``number of k-space points / number of sampled points``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import sigpy.mri
+import torch
+from torch import Tensor
+
+__all__ = ["poisson_disc_mask", "random_1d_mask", "equispaced_1d_mask", "kt_mask"]
+
+Seed = int | str | Sequence[int] | None
+
+
+def _check_shape(where: str, shape: object, ndim: int | None, what: str) -> tuple[int, ...]:
+    ok = isinstance(shape, (tuple, list, torch.Size)) and all(
+        isinstance(s, (int, np.integer)) and not isinstance(s, bool) and s > 0 for s in shape
+    )
+    if ok and ndim is not None:
+        ok = len(shape) == ndim
+    if ok and ndim is None:
+        ok = len(shape) >= 1
+    if not ok:
+        raise ValueError(f"{where}: shape must be {what} of positive ints, got {shape!r}")
+    return tuple(int(s) for s in shape)
+
+
+def _check_accel(where: str, accel: object) -> float:
+    if isinstance(accel, bool) or not isinstance(accel, (int, float)) or not accel >= 1:
+        raise ValueError(f"{where}: accel must be a number >= 1, got {accel!r}")
+    return float(accel)
+
+
+def _rng(where: str, seed: Seed) -> np.random.RandomState:
+    # fastMRI seeds numpy's legacy RandomState with tuple(map(ord, fname)); accepting a str does
+    # the same, so masks seeded by file name are shared by all slices of that file.
+    if isinstance(seed, str):
+        seed = tuple(map(ord, seed))
+    try:
+        return np.random.RandomState(seed)
+    except (TypeError, ValueError) as err:
+        raise ValueError(
+            f"{where}: seed must be None, a non-negative int, a str or a sequence of such ints, "
+            f"got {seed!r}"
+        ) from err
+
+
+def poisson_disc_mask(
+    shape: tuple[int, int],
+    accel: float,
+    calib: int | tuple[int, int] = 24,
+    seed: int | None = 0,
+    tol: float = 0.1,
+) -> Tensor:
+    """Variable-density Poisson-disc mask for two phase-encode dims, via ``sigpy.mri.poisson``.
+
+    ```python
+    mask = poisson_disc_mask((128, 96), accel=8, calib=20)   # float32 (128, 96)
+    ```
+
+    The ``calib``-sized centre block (rows ``H//2 - ch//2`` to ``H//2 - ch//2 + ch``) is fully
+    sampled, the corners outside the inscribed ellipse are not sampled, and the achieved
+    acceleration ``H*W / mask.sum()`` lies within ``tol`` of ``accel``.
+
+    Args:
+        shape: ``(H, W)`` of the mask.
+        accel: Target acceleration (>= 1; exactly 1 returns a fully sampled mask).
+        calib: Side of the fully sampled centre, an int or ``(ch, cw)``.
+        seed: Seed for a reproducible pattern; ``None`` draws a fresh one.
+        tol: Allowed absolute deviation of the achieved acceleration from ``accel``.
+
+    Returns:
+        A float32 tensor of 0/1 with shape ``(H, W)``.
+
+    Raises:
+        ValueError: On invalid arguments, when ``accel`` exceeds ``H*W / (ch*cw)`` (the
+            calibration block alone is sampled more densely than that), or when SigPy finds
+            no pattern within ``tol``.
+    """
+    where = "poisson_disc_mask"
+    h, w = _check_shape(where, shape, 2, "a tuple (H, W)")
+    accel = _check_accel(where, accel)
+    if isinstance(calib, (int, np.integer)) and not isinstance(calib, bool):
+        calib = (int(calib), int(calib))
+    if (
+        not isinstance(calib, (tuple, list))
+        or len(calib) != 2
+        or any(isinstance(c, bool) or not isinstance(c, (int, np.integer)) for c in calib)
+        or not (0 <= calib[0] <= h and 0 <= calib[1] <= w)
+    ):
+        raise ValueError(
+            f"{where}: calib must be an int or a pair (ch, cw) with 0 <= ch <= H={h} and "
+            f"0 <= cw <= W={w}, got {calib!r}"
+        )
+    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol > 0:
+        raise ValueError(f"{where}: tol must be a number > 0, got {tol!r}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))):
+        raise ValueError(f"{where}: seed must be an int or None, got {seed!r}")
+    if accel == 1:
+        return torch.ones(h, w)
+    calib_area = calib[0] * calib[1]
+    if calib_area > 0 and accel > h * w / calib_area + tol:
+        raise ValueError(
+            f"{where}: accel={accel} cannot be met with calib={tuple(calib)} on shape {(h, w)}: "
+            f"the calibration block alone limits acceleration to H*W/(ch*cw) = "
+            f"{h * w / calib_area:.3g}; lower accel or calib"
+        )
+    try:
+        mask = sigpy.mri.poisson(
+            (h, w), accel, calib=tuple(calib), dtype=np.float32, seed=seed, tol=tol
+        )
+    except ValueError as err:
+        raise ValueError(
+            f"{where}: no Poisson-disc pattern for shape={(h, w)}, accel={accel}, "
+            f"calib={tuple(calib)} within tol={tol} (SigPy: {err}); the unsampled corners cap "
+            "acceleration near 4/pi from below, and small shapes give coarse steps - try "
+            "another accel, a larger tol or a larger shape"
+        ) from err
+    return torch.from_numpy(np.ascontiguousarray(mask))
+
+
+def _center_lines(where: str, num_cols: int, center_fraction: object) -> int:
+    if (
+        isinstance(center_fraction, bool)
+        or not isinstance(center_fraction, (int, float))
+        or not 0 <= center_fraction <= 1
+    ):
+        raise ValueError(f"{where}: center_fraction must be in [0, 1], got {center_fraction!r}")
+    return int(round(num_cols * center_fraction))
+
+
+def _lines_to_mask(lines: np.ndarray, shape: tuple[int, ...]) -> Tensor:
+    row = torch.from_numpy(lines.astype(np.float32))
+    return row.expand(shape).contiguous()
+
+
+def random_1d_mask(
+    shape: Sequence[int], accel: float, center_fraction: float = 0.08, seed: Seed = 0
+) -> Tensor:
+    """fastMRI's random column mask (``RandomMaskFunc`` with one acceleration).
+
+    ```python
+    mask = random_1d_mask((640, 368), accel=4, center_fraction=0.08, seed="file1000.h5")
+    ```
+
+    The ``round(W * center_fraction)`` centre columns are always sampled; every other column
+    is sampled with probability ``(W / accel - n_center) / (W - n_center)``, so the expected
+    acceleration is ``accel``. Columns are the last dim and are shared by all rows. The random
+    draws replay fastMRI's exactly, so a file-name seed gives fastMRI's mask for that file;
+    using one seed per volume gives every slice the same mask.
+
+    Args:
+        shape: Mask shape ``(..., W)``; sampling is along the last dim.
+        accel: Target acceleration (>= 1).
+        center_fraction: Fraction of fully sampled centre columns, in ``[0, 1]``.
+        seed: An int, a sequence of ints, a str (e.g. the file name) or ``None``.
+
+    Returns:
+        A float32 tensor of 0/1 with the given shape.
+
+    Raises:
+        ValueError: On invalid arguments, or if the centre alone exceeds ``W / accel`` lines.
+    """
+    where = "random_1d_mask"
+    shape = _check_shape(where, shape, None, "a tuple (..., W)")
+    accel = _check_accel(where, accel)
+    num_cols = shape[-1]
+    num_low = _center_lines(where, num_cols, center_fraction)
+    if num_low > num_cols / accel:
+        raise ValueError(
+            f"{where}: center_fraction={center_fraction} samples {num_low} of {num_cols} columns, "
+            f"more than W/accel = {num_cols / accel:.3g} for accel={accel}; lower one of them"
+        )
+    rng = _rng(where, seed)
+    rng.randint(0, 1)  # fastMRI's choice among (center_fraction, accel) pairs draws first
+    if num_low == num_cols:
+        lines = np.ones(num_cols, dtype=bool)
+    else:
+        prob = (num_cols / accel - num_low) / (num_cols - num_low)
+        lines = rng.uniform(size=num_cols) < prob
+    pad = (num_cols - num_low + 1) // 2
+    lines[pad : pad + num_low] = True
+    return _lines_to_mask(lines, shape)
+
+
+def equispaced_1d_mask(
+    shape: Sequence[int], accel: float, center_fraction: float = 0.08, seed: Seed = 0
+) -> Tensor:
+    """fastMRI's equispaced column mask (``EquispacedMaskFunc`` with one acceleration).
+
+    ```python
+    mask = equispaced_1d_mask((640, 368), accel=4, center_fraction=0.08, seed=0)
+    ```
+
+    The centre columns as in [`random_1d_mask`][mri.masks.random_1d_mask], plus columns every
+    ``a = accel * (n_center - W) / (n_center * accel - W)`` (rounded) from a random offset in
+    ``[0, round(a))``, which brings the total close to ``W / accel``. fastMRI's quirk that
+    rounding can make spacings uneven is kept, to match its public data.
+
+    Args:
+        shape: Mask shape ``(..., W)``; sampling is along the last dim.
+        accel: Target acceleration (>= 1).
+        center_fraction: Fraction of fully sampled centre columns, in ``[0, 1]``.
+        seed: An int, a sequence of ints, a str (e.g. the file name) or ``None``.
+
+    Returns:
+        A float32 tensor of 0/1 with the given shape.
+
+    Raises:
+        ValueError: On invalid arguments, or if the centre alone reaches ``W / accel`` lines.
+    """
+    where = "equispaced_1d_mask"
+    shape = _check_shape(where, shape, None, "a tuple (..., W)")
+    accel = _check_accel(where, accel)
+    num_cols = shape[-1]
+    num_low = _center_lines(where, num_cols, center_fraction)
+    if num_low * accel >= num_cols:
+        raise ValueError(
+            f"{where}: center_fraction={center_fraction} samples {num_low} of {num_cols} columns, "
+            f"at least W/accel = {num_cols / accel:.3g} for accel={accel}, leaving nothing to "
+            "space out; lower center_fraction or accel"
+        )
+    rng = _rng(where, seed)
+    rng.randint(0, 1)  # fastMRI's choice among (center_fraction, accel) pairs draws first
+    lines = np.zeros(num_cols, dtype=bool)
+    pad = (num_cols - num_low + 1) // 2
+    lines[pad : pad + num_low] = True
+    spacing = accel * (num_low - num_cols) / (num_low * accel - num_cols)
+    offset = rng.randint(0, round(spacing))
+    picks = np.around(np.arange(offset, num_cols - 1, spacing)).astype(np.int64)
+    lines[picks] = True
+    return _lines_to_mask(lines, shape)
+
+
+def kt_mask(
+    shape: tuple[int, int, int],
+    accel: float,
+    calib: int = 8,
+    seed: Seed = 0,
+    vd_power: float = 2.0,
+) -> Tensor:
+    """Variable-density k-t line mask for Cartesian 2D+time (e.g. cine).
+
+    ```python
+    mask = kt_mask((20, 192, 160), accel=8, calib=8)   # float32 (T, H, W)
+    ```
+
+    Each frame samples ``n = round(W / accel)`` phase-encode columns (last dim), shared by all
+    rows (readout, ``H``): the ``calib`` centre columns ``W//2 - calib//2 ...`` in every
+    frame, and ``n - calib`` others drawn without replacement with probability
+    ``∝ (1 - |k| / (W/2 + 1)) ** vd_power`` (``k`` the distance to the centre), independently
+    per frame, so the aliasing differs from frame to frame. Every frame has acceleration
+    ``W / n``, i.e. ``accel`` up to rounding.
+
+    Args:
+        shape: ``(T, H, W)``.
+        accel: Target acceleration per frame (>= 1).
+        calib: Number of fully sampled centre columns (0 <= calib <= W).
+        seed: An int, a sequence of ints, a str or ``None``.
+        vd_power: Density decay away from the centre (>= 0; 0 is uniform).
+
+    Returns:
+        A float32 tensor of 0/1 with shape ``(T, H, W)``.
+
+    Raises:
+        ValueError: On invalid arguments, or if ``round(W / accel) < calib``.
+    """
+    where = "kt_mask"
+    t, h, w = _check_shape(where, shape, 3, "a tuple (T, H, W)")
+    accel = _check_accel(where, accel)
+    if isinstance(calib, bool) or not isinstance(calib, (int, np.integer)) or not 0 <= calib <= w:
+        raise ValueError(f"{where}: calib must be an int in [0, W={w}], got {calib!r}")
+    if isinstance(vd_power, bool) or not isinstance(vd_power, (int, float)) or not vd_power >= 0:
+        raise ValueError(f"{where}: vd_power must be a number >= 0, got {vd_power!r}")
+    n_lines = int(round(w / accel))
+    if n_lines < calib:
+        raise ValueError(
+            f"{where}: accel={accel} keeps round(W/accel) = {n_lines} of W={w} columns per frame, "
+            f"fewer than calib={calib}; lower accel or calib"
+        )
+    rng = _rng(where, seed)
+    start = w // 2 - calib // 2
+    center = np.zeros(w, dtype=bool)
+    center[start : start + calib] = True
+    others = np.flatnonzero(~center)
+    density = (1 - np.abs(others - w // 2) / (w / 2 + 1)) ** vd_power
+    density /= density.sum()
+    lines = np.zeros((t, w), dtype=bool)
+    for frame in range(t):
+        lines[frame, center] = True
+        picks = rng.choice(others, size=n_lines - calib, replace=False, p=density)
+        lines[frame, picks] = True
+    return torch.from_numpy(lines.astype(np.float32))[:, None, :].expand(t, h, w).contiguous()
