@@ -1,0 +1,260 @@
+"""Peak-memory measurement of a piece of work, per device.
+
+On CUDA the numbers come from the caching allocator's statistics. On CPU, where PyTorch keeps
+no such statistics, they come from tracking every tensor storage created inside the window and
+its release, which gives the CPU analogue of ``torch.cuda.max_memory_allocated``. The process
+RSS peak, sampled by a background thread, is reported beside it as a cross-check.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import weakref
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+__all__ = ["MemoryReport", "track_memory", "measure_peak_memory", "format_bytes"]
+
+
+def format_bytes(n: float | None) -> str:
+    """Format a byte count with a binary unit, e.g. ``format_bytes(3 * 2**20) == '3.00 MiB'``."""
+    if n is None:
+        return "n/a"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+@dataclass
+class MemoryReport:
+    """What :func:`track_memory` measured.
+
+    Attributes:
+        peak_bytes: per device (``"cpu"``, ``"cuda:0"``, ...), the peak bytes of tensor memory
+            allocated inside the window above what was allocated when it opened. On CPU this
+            counts the storages of tensors created inside the window (tensors that existed
+            before, such as parameters, are not counted); on CUDA it is
+            ``max_memory_allocated - memory_allocated`` at the start.
+        rss_peak_bytes: the growth of the process resident set size at its sampled peak, or
+            ``None`` where ``/proc`` is not available.
+    """
+
+    peak_bytes: dict[str, int] = field(default_factory=dict)
+    rss_peak_bytes: int | None = None
+
+    @property
+    def max_peak(self) -> int:
+        """The largest per-device peak (0 when nothing was measured)."""
+        return max(self.peak_bytes.values(), default=0)
+
+    def __str__(self) -> str:
+        parts = [f"{dev}: {format_bytes(b)}" for dev, b in self.peak_bytes.items()]
+        parts.append(f"RSS growth: {format_bytes(self.rss_peak_bytes)}")
+        return ", ".join(parts)
+
+
+class _LiveStorageTracker(TorchDispatchMode):
+    """Counts bytes of CPU tensor storages created while active, until each is freed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._lock = threading.Lock()
+        self._live: dict[int, tuple[int, weakref.finalize]] = {}
+        self.current = 0
+        self.peak = 0
+
+    def _release(self, key: int) -> None:
+        with self._lock:
+            entry = self._live.pop(key, None)
+            if entry is not None:
+                self.current -= entry[0]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        inputs: set[int] | None = None
+        for t in tree_leaves(out):
+            if not isinstance(t, torch.Tensor) or t.device.type != "cpu":
+                continue
+            try:
+                storage = t.untyped_storage()
+            except (RuntimeError, NotImplementedError):
+                continue  # tensors without a plain storage (sparse, nested) are not tracked
+            key = id(storage)
+            if key in self._live:
+                continue
+            if inputs is None:
+                inputs = {
+                    id(a.untyped_storage())
+                    for a in tree_leaves((args, kwargs))
+                    if isinstance(a, torch.Tensor) and a.device.type == "cpu" and a.layout
+                    == torch.strided
+                }
+            if key in inputs:
+                continue  # a view or an in-place result of a tensor that already existed
+            nbytes = storage.nbytes()
+            with self._lock:
+                fin = weakref.finalize(storage, self._release, key)
+                self._live[key] = (nbytes, fin)
+                self.current += nbytes
+                self.peak = max(self.peak, self.current)
+        return out
+
+    def detach_all(self) -> None:
+        with self._lock:
+            for _, fin in self._live.values():
+                fin.detach()
+            self._live.clear()
+
+
+_ACTIVE_TRACKERS: list[_LiveStorageTracker] = []
+_ACTIVE_LOCK = threading.Lock()
+
+
+@contextmanager
+def worker_scope() -> Iterator[None]:
+    """Extend an active :func:`track_memory` window to the calling thread.
+
+    Dispatch modes are thread-local, so worker threads that run tensor work on behalf of a
+    measured step (greedywrap's asynchronous engine) enter this scope around that work.
+    """
+    with _ACTIVE_LOCK:
+        trackers = list(_ACTIVE_TRACKERS)
+    if not trackers:
+        yield
+        return
+    tracker = trackers[-1]
+    with tracker:
+        yield
+
+
+def _rss_bytes() -> int | None:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class _RssSampler(threading.Thread):
+    def __init__(self, interval: float) -> None:
+        super().__init__(name="greedywrap-rss-sampler", daemon=True)
+        self.interval = interval
+        self.start_rss = _rss_bytes()
+        self.peak = self.start_rss
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop_event.wait(self.interval):
+            rss = _rss_bytes()
+            if rss is not None and self.peak is not None:
+                self.peak = max(self.peak, rss)
+
+    def stop(self) -> int | None:
+        self._stop_event.set()
+        self.join(timeout=5)
+        rss = _rss_bytes()
+        if rss is not None and self.peak is not None:
+            self.peak = max(self.peak, rss)
+        if self.start_rss is None or self.peak is None:
+            return None
+        return self.peak - self.start_rss
+
+
+def _cuda_devices(devices: Sequence[torch.device | str | int] | None) -> list[torch.device]:
+    if devices is None:
+        if not torch.cuda.is_available():
+            return []
+        return [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
+    out = []
+    for d in devices:
+        d = torch.device("cuda", d) if isinstance(d, int) else torch.device(d)
+        if d.type == "cuda":
+            out.append(torch.device("cuda", d.index or 0))
+    return list(dict.fromkeys(out))
+
+
+@contextmanager
+def track_memory(
+    devices: Sequence[torch.device | str | int] | None = None,
+    *,
+    cpu: bool = True,
+    rss: bool = True,
+    rss_interval: float = 0.002,
+) -> Iterator[MemoryReport]:
+    """Measure the peak memory of the work inside the ``with`` block, per device.
+
+    Example:
+        >>> with track_memory() as report:
+        ...     y = torch.randn(1024, 1024) @ torch.randn(1024, 1024)
+        >>> report.peak_bytes["cpu"] >= 3 * 4 * 1024 * 1024
+        True
+
+    Args:
+        devices: CUDA devices to measure (all visible ones by default). Their allocator peak
+            statistics are reset when the window opens.
+        cpu: track CPU tensor storages (adds a small per-operation overhead).
+        rss: sample the process RSS in a background thread.
+        rss_interval: seconds between RSS samples.
+
+    Yields:
+        A :class:`MemoryReport`, filled in when the block exits.
+
+    Raises:
+        RuntimeError: a CPU window is opened inside another one.
+    """
+    report = MemoryReport()
+    cuda = _cuda_devices(devices)
+    starts = {}
+    for d in cuda:
+        torch.cuda.synchronize(d)
+        torch.cuda.reset_peak_memory_stats(d)
+        starts[d] = torch.cuda.memory_allocated(d)
+    tracker = None
+    if cpu:
+        with _ACTIVE_LOCK:
+            if _ACTIVE_TRACKERS:
+                raise RuntimeError(
+                    "track_memory: a CPU memory window is already open; nested windows are not "
+                    "supported (pass cpu=False to the inner one)"
+                )
+            tracker = _LiveStorageTracker()
+            _ACTIVE_TRACKERS.append(tracker)
+    sampler = _RssSampler(rss_interval) if rss else None
+    if sampler is not None:
+        sampler.start()
+    try:
+        if tracker is not None:
+            with tracker:
+                yield report
+        else:
+            yield report
+    finally:
+        if sampler is not None:
+            report.rss_peak_bytes = sampler.stop()
+        if tracker is not None:
+            with _ACTIVE_LOCK:
+                _ACTIVE_TRACKERS.remove(tracker)
+            report.peak_bytes["cpu"] = tracker.peak
+            tracker.detach_all()
+        for d in cuda:
+            torch.cuda.synchronize(d)
+            report.peak_bytes[str(d)] = torch.cuda.max_memory_allocated(d) - starts[d]
+
+
+def measure_peak_memory(
+    fn: Callable[..., Any], *args: Any, devices: Sequence[Any] | None = None, **kwargs: Any
+) -> tuple[Any, MemoryReport]:
+    """Run ``fn(*args, **kwargs)`` inside :func:`track_memory`; return its result and the report."""
+    with track_memory(devices) as report:
+        result = fn(*args, **kwargs)
+    return result, report

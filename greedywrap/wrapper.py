@@ -1,0 +1,539 @@
+"""GreedyWrapper: train any sequence of blocks greedily, stage by stage, with local losses."""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from greedywrap import engines
+from greedywrap.stages import (
+    DeviceLike,
+    Stage,
+    assign_devices,
+    check_balance,
+    even_balance,
+    find_shared_parameters,
+    normalize_device,
+    read_blocks,
+)
+
+__all__ = ["GreedyWrapper"]
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+OptimizerSpec = type[torch.optim.Optimizer] | Callable[..., torch.optim.Optimizer]
+SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
+
+_PRECISIONS = ("fp32", "bf16", "fp16")
+_STATE_VERSION = 1
+
+
+def _per_stage(value: Any, name: str, num_stages: int, is_single: Callable[[Any], bool]) -> list:
+    """Expand one value for all stages, or check a list of one per stage."""
+    if is_single(value):
+        return [value] * num_stages
+    if isinstance(value, (list, tuple)):
+        if len(value) != num_stages:
+            raise ValueError(
+                f"{name}: got a list of {len(value)}, but there are {num_stages} stages; give "
+                f"one {name} for all stages or a list of exactly {num_stages}"
+            )
+        return list(value)
+    raise TypeError(f"{name}: got {value!r}; expected one {name} or a list of one per stage")
+
+
+def _is_optimizer_class(obj: Any) -> bool:
+    return inspect.isclass(obj) and issubclass(obj, torch.optim.Optimizer)
+
+
+def _to_device(obj: Any, device: torch.device, path: str) -> Any:
+    """Move tensors, and objects with ``.to(device)``, inside ``obj`` to ``device``."""
+    if isinstance(obj, torch.Tensor):
+        return obj if obj.device == device else obj.to(device, non_blocking=True)
+    if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
+        return type(obj)(_to_device(v, device, f"{path}[{i}]") for i, v in enumerate(obj))
+    if isinstance(obj, dict):
+        return {k: _to_device(v, device, f"{path}[{k!r}]") for k, v in obj.items()}
+    to = getattr(obj, "to", None)
+    if callable(to) and not isinstance(obj, (str, bytes, type)):
+        try:
+            return to(device)
+        except Exception as err:  # noqa: BLE001 - re-raised with the argument named
+            raise TypeError(
+                f"{path}: cannot be moved to {device} with .to(device) "
+                f"({type(obj).__name__}: {err})"
+            ) from err
+    return obj
+
+
+class GreedyWrapper(nn.Module):
+    """Train a sequence of blocks greedily: M stages, each with its own optimizer and loss.
+
+    Example:
+        >>> gw = GreedyWrapper(nn.Sequential(*blocks), splits=4, loss=nn.functional.mse_loss)
+        >>> losses = gw.train_step(x0, target)        # one greedy step over all stages
+        >>> y = gw(x0, exit_at=2)                      # inference, stopping after stage 2
+
+    Each block is called as ``block(x, *block_args, **block_kwargs)`` and returns the next
+    ``x``. A greedy step (GLEAM, Algorithm 1) runs, for each stage m: ``x_m =
+    stage_m(x_{m-1}.detach())``, ``loss_m = loss(x_m, target)``, backward, optimizer step. No
+    gradient crosses a stage boundary and each stage's graph is freed before the next stage
+    runs, so training memory scales with the largest stage instead of the whole network.
+    ``splits=1`` is ordinary end-to-end backpropagation.
+
+    Args:
+        model: an ``nn.Sequential``, an ``nn.ModuleList`` or any iterable of ``nn.Module``
+            blocks. The wrapper takes the blocks over (it moves them to their stage's device).
+
+    Keyword Args:
+        splits: the number of stages M (contiguous, sizes as even as possible, earlier stages
+            larger) or a list of block counts per stage. Default 1 (end-to-end).
+        devices: where the stages live: a list of ints, ``"cuda:i"``, ``"cpu"`` or
+            ``torch.device``; stages are placed round-robin over the entries (stage m on entry
+            m mod D) unless ``placement="contiguous"``. ``None`` keeps every stage on the device
+            of the model's parameters. With more than one entry, each stage's backward and
+            update run on its entry's worker thread while later stages' forward goes on
+            (P-GLEAM); the numbers are the same as the sequential step.
+        placement: ``"round_robin"`` (default) or ``"contiguous"``.
+        optimizer: an optimizer class (with ``optimizer_kwargs``), a factory
+            ``f(params) -> Optimizer``, or a list of either, one per stage. Default Adam.
+        optimizer_kwargs: keyword arguments for an optimizer class, e.g. ``{"lr": 1e-4}``.
+        scheduler: optional factory ``f(optimizer) -> LR scheduler`` or a list of one per
+            stage (``None`` entries allowed); stepped after every optimizer step.
+        loss: ``loss(pred, target) -> scalar tensor`` for all stages, or a list of one per
+            stage. Default mean squared error.
+        heads: optional auxiliary heads, a list of one ``nn.Module`` (or ``None``) per stage:
+            the stage's loss is ``loss(head(x_m), target)``, and inference that exits at that
+            stage returns ``head(x_m)``.
+        checkpoint: recompute block activations in backward (``torch.utils.checkpoint``,
+            non-reentrant) instead of storing them. With ``splits=1`` this is the
+            gradient-checkpointing baseline.
+        clip_grad_norm: if given, clip each stage's gradient norm to this value.
+        precision: ``"fp32"`` (default), ``"bf16"`` (autocast, CPU and CUDA) or ``"fp16"``
+            (autocast with one GradScaler per stage, CUDA only).
+        timeout: seconds any wait on a worker may last before it is reported as hung.
+
+    Raises:
+        TypeError: an argument of the wrong kind (the message names it).
+        ValueError: an argument with an impossible value (the message says what is valid).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module | Iterable[nn.Module],
+        splits: int | Sequence[int] = 1,
+        *,
+        devices: Sequence[DeviceLike] | None = None,
+        placement: str = "round_robin",
+        optimizer: OptimizerSpec | Sequence[OptimizerSpec] = torch.optim.Adam,
+        optimizer_kwargs: dict[str, Any] | None = None,
+        scheduler: SchedulerFactory | Sequence[SchedulerFactory | None] | None = None,
+        loss: LossFn | Sequence[LossFn] | None = None,
+        heads: Sequence[nn.Module | None] | None = None,
+        checkpoint: bool = False,
+        clip_grad_norm: float | None = None,
+        precision: str = "fp32",
+        timeout: float = 600.0,
+    ) -> None:
+        super().__init__()
+        blocks = read_blocks(model)
+        if isinstance(splits, (list, tuple)):
+            balance = check_balance(splits, len(blocks))
+        else:
+            balance = even_balance(len(blocks), splits)
+        num_stages = len(balance)
+
+        groups, start = [], 0
+        for size in balance:
+            groups.append(blocks[start : start + size])
+            start += size
+        shared = find_shared_parameters(groups)
+        if shared:
+            name, first, other = shared[0]
+            raise ValueError(
+                f"model: parameter '{name}' of stage {first} is also used by stage {other}. "
+                "Greedy training gives every stage its own optimizer and detaches stage inputs, "
+                "so weights tied across stages would be updated by two optimizers with "
+                "conflicting local losses. Put the blocks that share weights in the same stage "
+                f"(e.g. splits={[len(g) for g in groups[:first]] + ['...']}) or untie them"
+            )
+
+        if precision not in _PRECISIONS:
+            raise ValueError(f"precision: got {precision!r}; expected one of {_PRECISIONS}")
+        if clip_grad_norm is not None and not clip_grad_norm > 0:
+            raise ValueError(f"clip_grad_norm: got {clip_grad_norm!r}; expected a positive number")
+        if not isinstance(checkpoint, bool):
+            raise TypeError(f"checkpoint: got {checkpoint!r}; expected True or False")
+        if not (isinstance(timeout, (int, float)) and timeout > 0):
+            raise ValueError(f"timeout: got {timeout!r}; expected a positive number of seconds")
+
+        # Placement: one worker per entry of `devices`; None means "where the model already is".
+        self._explicit_devices = devices is not None
+        if devices is None:
+            first_param = next((p for b in blocks for p in b.parameters()), None)
+            device_list = [first_param.device if first_param is not None else torch.device("cpu")]
+            stage_entry = [0] * num_stages
+        else:
+            if isinstance(devices, (str, int, torch.device)):
+                raise TypeError(
+                    f"devices: got {devices!r}; expected a list of devices, e.g. [{devices!r}]"
+                )
+            device_list = [normalize_device(d) for d in devices]
+            stage_entry = assign_devices(device_list, num_stages, placement)
+        if precision == "fp16" and any(device_list[e].type != "cuda" for e in stage_entry):
+            raise ValueError(
+                "precision: 'fp16' needs every stage on a CUDA device (GradScaler); "
+                "use 'bf16' on CPU"
+            )
+
+        self.stages = nn.ModuleList(
+            Stage(group, m, device_list[stage_entry[m]], checkpoint)
+            for m, group in enumerate(groups)
+        )
+        head_list = [None] * num_stages if heads is None else _per_stage(
+            heads, "heads", num_stages, lambda v: False
+        )
+        for m, head in enumerate(head_list):
+            if head is not None and not isinstance(head, nn.Module):
+                raise TypeError(f"heads: entry {m} is {head!r}; expected an nn.Module or None")
+        self.heads = nn.ModuleList(h if h is not None else nn.Identity() for h in head_list)
+        self._has_head = [h is not None for h in head_list]
+        for m, stage in enumerate(self.stages):
+            stage.to(stage.device)
+            self.heads[m].to(stage.device)
+
+        self.devices = device_list
+        self.stage_entry = stage_entry
+        self.balance = balance
+        self.precision = precision
+        self.clip_grad_norm = clip_grad_norm
+        self.timeout = float(timeout)
+        self.checkpoint = checkpoint
+
+        losses = _per_stage(
+            loss if loss is not None else nn.functional.mse_loss,
+            "loss",
+            num_stages,
+            callable,
+        )
+        self.losses = losses
+
+        self.optimizers = self._build_optimizers(optimizer, optimizer_kwargs)
+        sched_list = _per_stage(scheduler, "scheduler", num_stages, lambda v: v is None or callable(v))
+        self.schedulers = []
+        for m, (factory, opt) in enumerate(zip(sched_list, self.optimizers, strict=True)):
+            if factory is None or opt is None:
+                self.schedulers.append(None)
+                continue
+            sched = factory(opt)
+            if not hasattr(sched, "step") or not hasattr(sched, "state_dict"):
+                raise TypeError(
+                    f"scheduler: the factory for stage {m} returned {type(sched).__name__}, "
+                    "which has no step()/state_dict(); return a torch.optim.lr_scheduler object"
+                )
+            self.schedulers.append(sched)
+        self.scalers = [
+            torch.amp.GradScaler("cuda") if precision == "fp16" and opt is not None else None
+            for opt in self.optimizers
+        ]
+        self.step_count = 0
+        self._engine = engines.make_engine(self)
+
+    # ------------------------------------------------------------------ construction helpers
+
+    def _stage_parameters(self, m: int) -> list[nn.Parameter]:
+        params = list(self.stages[m].parameters())
+        seen = {id(p) for p in params}
+        params += [p for p in self.heads[m].parameters() if id(p) not in seen]
+        return [p for p in params if p.requires_grad]
+
+    def _build_optimizers(
+        self, optimizer: Any, optimizer_kwargs: dict[str, Any] | None
+    ) -> list[torch.optim.Optimizer | None]:
+        num_stages = len(self.stages)
+        specs = _per_stage(
+            optimizer,
+            "optimizer",
+            num_stages,
+            lambda v: _is_optimizer_class(v) or (callable(v) and not isinstance(v, (list, tuple))),
+        )
+        if optimizer_kwargs is not None and not isinstance(optimizer_kwargs, dict):
+            raise TypeError(f"optimizer_kwargs: got {optimizer_kwargs!r}; expected a dict")
+        kwargs = dict(optimizer_kwargs or {})
+        if kwargs and not all(_is_optimizer_class(s) for s in specs):
+            raise ValueError(
+                "optimizer_kwargs: only used with an optimizer class; a factory "
+                "f(params) -> Optimizer sets its own arguments"
+            )
+        optimizers: list[torch.optim.Optimizer | None] = []
+        for m, spec in enumerate(specs):
+            params = self._stage_parameters(m)
+            if not params:
+                # A stage with nothing to train (e.g. fixed physics) only runs forward.
+                optimizers.append(None)
+                continue
+            if _is_optimizer_class(spec):
+                try:
+                    opt = spec(params, **kwargs)
+                except TypeError as err:
+                    valid = [
+                        n for n in inspect.signature(spec.__init__).parameters
+                        if n not in ("self", "params")
+                    ]
+                    raise TypeError(
+                        f"optimizer_kwargs: {kwargs} rejected by {spec.__name__} ({err}); "
+                        f"valid keys are {valid}"
+                    ) from err
+            elif callable(spec):
+                opt = spec(params)
+                if not isinstance(opt, torch.optim.Optimizer):
+                    raise TypeError(
+                        f"optimizer: the factory for stage {m} returned "
+                        f"{type(opt).__name__}; it must return a torch.optim.Optimizer"
+                    )
+            else:
+                raise TypeError(
+                    f"optimizer: stage {m} got {spec!r}; expected an optimizer class or a "
+                    "factory f(params) -> Optimizer"
+                )
+            optimizers.append(opt)
+        return optimizers
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def num_stages(self) -> int:
+        """The number of stages M."""
+        return len(self.stages)
+
+    @property
+    def stage_devices(self) -> list[torch.device]:
+        """The device of each stage."""
+        return [stage.device for stage in self.stages]
+
+    def _autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+        return torch.autocast(device_type=device.type, dtype=dtype)
+
+    # ------------------------------------------------------------------ training
+
+    def train_step(
+        self, x0: torch.Tensor, target: Any, *block_args: Any, **block_kwargs: Any
+    ) -> list[torch.Tensor]:
+        """Run one greedy step over all stages (GLEAM, Algorithm 1).
+
+        Args:
+            x0: the input of the first block.
+            target: what every stage's output (or head output) is compared with.
+            *block_args: extra positional arguments passed to every block.
+            **block_kwargs: extra keyword arguments passed to every block.
+
+        Returns:
+            The loss of each stage, as detached 0-dim tensors on the stage's device (reading
+            them with ``float()`` is what synchronises, not this call).
+
+        Raises:
+            ValueError: the loss cannot compare a stage's output with ``target``, or does not
+                return a scalar.
+        """
+        if not isinstance(x0, torch.Tensor):
+            raise TypeError(f"x0: got {type(x0).__name__}; expected a torch.Tensor")
+        if not self.training:
+            raise RuntimeError(
+                "train_step: the wrapper is in eval mode; call .train() first (eval mode would "
+                "train with inference behaviour of dropout/batch-norm)"
+            )
+        losses = self._engine.step(x0, target, block_args, block_kwargs)
+        self.step_count += 1
+        return losses
+
+    def _compute_loss(self, m: int, out: torch.Tensor, target: Any) -> torch.Tensor:
+        pred = self.heads[m](out)
+        try:
+            loss = self.losses[m](pred, target)
+        except (RuntimeError, ValueError, TypeError) as err:
+            tshape = tuple(target.shape) if isinstance(target, torch.Tensor) else type(target)
+            raise ValueError(
+                f"loss: stage {m} could not compare its output of shape {tuple(pred.shape)} "
+                f"with the target of shape {tshape}: {err}"
+            ) from err
+        if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+            got = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+            raise ValueError(
+                f"loss: stage {m} returned {got}; the loss must return a scalar (0-dim) tensor"
+            )
+        return loss
+
+    def _stage_forward(
+        self, m: int, x: torch.Tensor, target: Any, args: tuple, kwargs: dict
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward of stage m on a detached input; returns (output, loss) with the graph alive."""
+        stage = self.stages[m]
+        inp = x.detach()
+        with self._autocast(stage.device):
+            out = stage(inp, *args, **kwargs)
+            loss = self._compute_loss(m, out, target)
+        return out, loss
+
+    def _stage_update(self, m: int, loss: torch.Tensor) -> None:
+        """Backward of stage m's loss, clipping, optimizer and scheduler step."""
+        opt = self.optimizers[m]
+        if opt is None or not loss.requires_grad:
+            return
+        scaler = self.scalers[m]
+        if scaler is not None:
+            scaler.scale(loss).backward()
+        else:
+            loss.backward()
+        if self.clip_grad_norm is not None:
+            if scaler is not None:
+                scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(self._stage_parameters(m), self.clip_grad_norm)
+        if scaler is not None:
+            scaler.step(opt)
+            scaler.update()
+        else:
+            opt.step()
+        opt.zero_grad(set_to_none=True)
+        sched = self.schedulers[m]
+        if sched is not None:
+            sched.step()
+
+    def move_args(self, device: torch.device, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """Move block arguments to ``device`` (tensors and objects with ``.to``)."""
+        moved_args = tuple(_to_device(a, device, f"block_args[{i}]") for i, a in enumerate(args))
+        moved_kwargs = {k: _to_device(v, device, f"block_kwargs[{k!r}]") for k, v in kwargs.items()}
+        return moved_args, moved_kwargs
+
+    # ------------------------------------------------------------------ inference
+
+    def forward(
+        self,
+        x0: torch.Tensor,
+        *block_args: Any,
+        exit_at: int | None = None,
+        return_all: bool = False,
+        **block_kwargs: Any,
+    ) -> torch.Tensor | list[torch.Tensor]:
+        """Run the network up to stage ``exit_at`` (1-based; default: all stages).
+
+        The output of a stage with an auxiliary head is that head's output. Gradients are
+        tracked as for any module; wrap calls in ``torch.no_grad()`` for inference.
+
+        Args:
+            x0: the input of the first block.
+            *block_args: extra positional arguments passed to every block.
+            exit_at: the last stage to run, between 1 and ``num_stages``.
+            return_all: return the list of every stage's output up to ``exit_at`` instead.
+            **block_kwargs: extra keyword arguments passed to every block.
+        """
+        last = self.num_stages if exit_at is None else exit_at
+        if isinstance(last, bool) or not isinstance(last, int) or not 1 <= last <= self.num_stages:
+            raise ValueError(
+                f"exit_at: got {exit_at!r}; expected an int between 1 and {self.num_stages} "
+                "(the number of stages) or None for all"
+            )
+        moved: dict[torch.device, tuple[tuple, dict]] = {}
+        x = x0
+        outputs = []
+        for m in range(last):
+            stage = self.stages[m]
+            if stage.device not in moved:
+                moved[stage.device] = self.move_args(stage.device, block_args, block_kwargs)
+            args, kwargs = moved[stage.device]
+            x = _to_device(x, stage.device, "x")
+            with self._autocast(stage.device):
+                x = stage(x, *args, **kwargs)
+            if return_all or m == last - 1:
+                outputs.append(self.heads[m](x) if self._has_head[m] else x)
+        return outputs if return_all else outputs[-1]
+
+    # ------------------------------------------------------------------ state
+
+    def get_extra_state(self) -> dict[str, Any]:
+        """Optimizer, scheduler and scaler state of every stage, the step count and balance.
+
+        Saved by ``state_dict()`` under the key ``_extra_state`` next to the parameters, so a
+        wrapper nested in a larger module checkpoints and resumes with it.
+        """
+        return {
+            "version": _STATE_VERSION,
+            "balance": list(self.balance),
+            "step_count": self.step_count,
+            "optimizers": [o.state_dict() if o is not None else None for o in self.optimizers],
+            "schedulers": [s.state_dict() if s is not None else None for s in self.schedulers],
+            "scalers": [s.state_dict() if s is not None else None for s in self.scalers],
+        }
+
+    def set_extra_state(self, state: Any) -> None:
+        """Restore what :meth:`get_extra_state` saved (called by ``load_state_dict``)."""
+        if not isinstance(state, dict) or state.get("version") != _STATE_VERSION:
+            raise ValueError(
+                "state_dict: '_extra_state' is not a greedywrap state of version "
+                f"{_STATE_VERSION}; was it saved by GreedyWrapper.state_dict()?"
+            )
+        if list(state["balance"]) != list(self.balance):
+            raise ValueError(
+                f"state_dict: saved with splits={state['balance']}, but this wrapper has "
+                f"splits={self.balance}; build the wrapper with the same splits to resume"
+            )
+        for kind, objs in (
+            ("optimizers", self.optimizers),
+            ("schedulers", self.schedulers),
+            ("scalers", self.scalers),
+        ):
+            saved = state[kind]
+            for m, (obj, sd) in enumerate(zip(objs, saved, strict=True)):
+                if (obj is None) != (sd is None):
+                    raise ValueError(
+                        f"state_dict: stage {m} {kind[:-1]} state is "
+                        f"{'missing' if sd is None else 'present'} in the checkpoint but the "
+                        f"wrapper {'has' if obj is not None else 'has no'} {kind[:-1]}"
+                    )
+                if obj is not None:
+                    obj.load_state_dict(sd)
+        self.step_count = int(state["step_count"])
+
+    # ------------------------------------------------------------------ device ownership
+
+    def _apply(self, fn: Callable, recurse: bool = True) -> GreedyWrapper:  # type: ignore[override]
+        # Moving the wrapper by hand would desynchronise stages from their workers; the wrapper
+        # owns placement. Dtype changes and moves of a single-device wrapper are allowed.
+        before = [p.device for p in self.parameters()]
+        result = super()._apply(fn, recurse)
+        after = [p.device for p in self.parameters()]
+        if before != after:
+            if self._explicit_devices:
+                raise RuntimeError(
+                    "GreedyWrapper owns device placement: it was built with "
+                    f"devices={[str(d) for d in self.devices]}; build a new wrapper with other "
+                    "devices instead of moving it by hand"
+                )
+            new = after[0] if after else self.devices[0]
+            self.devices = [new]
+            for stage in self.stages:
+                stage.device = new
+            for opt in self.optimizers:
+                if opt is not None:
+                    for st in opt.state.values():
+                        for k, v in st.items():
+                            if isinstance(v, torch.Tensor) and v.dim() > 0:
+                                st[k] = v.to(new)
+            self._engine = engines.make_engine(self)
+        return result
+
+    def close(self) -> None:
+        """Stop worker threads (a no-op for a single device). Safe to call twice."""
+        self._engine.close()
+
+    def __enter__(self) -> GreedyWrapper:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
