@@ -16,9 +16,7 @@ class SequentialEngine:
     def __init__(self, wrapper: GreedyWrapper) -> None:
         self.wrapper = wrapper
 
-    def step(
-        self, x0: torch.Tensor, target: Any, args: tuple, kwargs: dict
-    ) -> list[torch.Tensor]:
+    def step(self, x0: torch.Tensor, target: Any, args: tuple, kwargs: dict) -> list[torch.Tensor]:
         gw = self.wrapper
         from greedywrap.wrapper import _to_device
 

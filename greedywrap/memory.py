@@ -96,8 +96,9 @@ class _LiveStorageTracker(TorchDispatchMode):
                 inputs = {
                     id(a.untyped_storage())
                     for a in tree_leaves((args, kwargs))
-                    if isinstance(a, torch.Tensor) and a.device.type == "cpu" and a.layout
-                    == torch.strided
+                    if isinstance(a, torch.Tensor)
+                    and a.device.type == "cpu"
+                    and a.layout == torch.strided
                 }
             if key in inputs:
                 continue  # a view or an in-place result of a tensor that already existed

@@ -217,9 +217,7 @@ def assign_devices(
     if placement == "contiguous":
         sizes = even_balance(num_stages, d)
         return [i for i, size in enumerate(sizes) for _ in range(size)]
-    raise ValueError(
-        f"placement: got {placement!r}; expected 'round_robin' or 'contiguous'"
-    )
+    raise ValueError(f"placement: got {placement!r}; expected 'round_robin' or 'contiguous'")
 
 
 class Stage(nn.Module):

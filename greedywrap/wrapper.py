@@ -194,8 +194,10 @@ class GreedyWrapper(nn.Module):
             Stage(group, m, device_list[stage_entry[m]], checkpoint)
             for m, group in enumerate(groups)
         )
-        head_list = [None] * num_stages if heads is None else _per_stage(
-            heads, "heads", num_stages, lambda v: False
+        head_list = (
+            [None] * num_stages
+            if heads is None
+            else _per_stage(heads, "heads", num_stages, lambda v: False)
         )
         for m, head in enumerate(head_list):
             if head is not None and not isinstance(head, nn.Module):
@@ -223,7 +225,9 @@ class GreedyWrapper(nn.Module):
         self.losses = losses
 
         self.optimizers = self._build_optimizers(optimizer, optimizer_kwargs)
-        sched_list = _per_stage(scheduler, "scheduler", num_stages, lambda v: v is None or callable(v))
+        sched_list = _per_stage(
+            scheduler, "scheduler", num_stages, lambda v: v is None or callable(v)
+        )
         self.schedulers = []
         for m, (factory, opt) in enumerate(zip(sched_list, self.optimizers, strict=True)):
             if factory is None or opt is None:
@@ -281,7 +285,8 @@ class GreedyWrapper(nn.Module):
                     opt = spec(params, **kwargs)
                 except TypeError as err:
                     valid = [
-                        n for n in inspect.signature(spec.__init__).parameters
+                        n
+                        for n in inspect.signature(spec.__init__).parameters
                         if n not in ("self", "params")
                     ]
                     raise TypeError(

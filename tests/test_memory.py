@@ -82,9 +82,7 @@ class UnrolledToyBlock(nn.Module):
 
 def _peak_of_one_step(splits: int, checkpoint: bool = False) -> int:
     torch.manual_seed(0)
-    gw = GreedyWrapper(
-        [UnrolledToyBlock() for _ in range(8)], splits=splits, checkpoint=checkpoint
-    )
+    gw = GreedyWrapper([UnrolledToyBlock() for _ in range(8)], splits=splits, checkpoint=checkpoint)
     x0, target = torch.randn(2, 2, 32, 32), torch.randn(2, 2, 32, 32)
     gw.train_step(x0, target)  # optimizer state is created on the first step; measure the second
     with track_memory(rss=False) as report:

@@ -33,9 +33,7 @@ def hand_written_greedy(blocks, balance, x0, target, steps, lr):
     for size in balance:
         stages.append(blocks[start : start + size])
         start += size
-    opts = [
-        torch.optim.Adam([p for b in stage for p in b.parameters()], lr=lr) for stage in stages
-    ]
+    opts = [torch.optim.Adam([p for b in stage for p in b.parameters()], lr=lr) for stage in stages]
     for _ in range(steps):
         x = x0
         for stage, opt in zip(stages, opts, strict=True):
