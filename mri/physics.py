@@ -117,8 +117,7 @@ class SenseOp:
         _require_complex(maps, "maps", "SenseOp")
         if maps.ndim not in (4, 5):
             raise ValueError(
-                f"SenseOp: maps must be (B, C, H, W) or (B, C, D|T, H, W), got a "
-                f"{_describe(maps)}"
+                f"SenseOp: maps must be (B, C, H, W) or (B, C, D|T, H, W), got a {_describe(maps)}"
             )
         self.maps = maps
         self.fft_dims = _parse_fft_dims(fft_dims, maps)
