@@ -156,7 +156,7 @@ class GradientStepDC(nn.Module):
         return x + self.step_size * grad
 
     def extra_repr(self) -> str:
-        return f"step_size={float(self.step_size):.4g}"
+        return f"step_size={self.step_size.detach().item():.4g}"
 
 
 class ConjugateGradientDC(nn.Module):
@@ -218,4 +218,4 @@ class ConjugateGradientDC(nn.Module):
         )
 
     def extra_repr(self) -> str:
-        return f"mu={float(self.mu):.4g}, max_iter={self.max_iter}, tol={self.tol}"
+        return f"mu={self.mu.detach().item():.4g}, max_iter={self.max_iter}, tol={self.tol}"
