@@ -1,0 +1,127 @@
+"""Sampling masks reach their acceleration, sample the calibration region and are seeded."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mri.masks import equispaced_1d_mask, kt_mask, poisson_disc_mask, random_1d_mask
+
+
+def accel_of(mask: torch.Tensor) -> float:
+    return mask.numel() / float(mask.sum())
+
+
+class TestPoissonDisc:
+    @pytest.mark.parametrize("shape, accel, calib", [((64, 64), 4, 16), ((80, 64), 8, (12, 10))])
+    def test_acceleration_within_tol_and_calibration_fully_sampled(self, shape, accel, calib):
+        mask = poisson_disc_mask(shape, accel, calib=calib, seed=1)
+        assert mask.shape == shape and mask.dtype == torch.float32
+        assert abs(accel_of(mask) - accel) < 0.1
+        ch, cw = (calib, calib) if isinstance(calib, int) else calib
+        h0, w0 = shape[0] // 2 - ch // 2, shape[1] // 2 - cw // 2
+        assert mask[h0 : h0 + ch, w0 : w0 + cw].all()
+        assert set(mask.unique().tolist()) <= {0.0, 1.0}
+
+    def test_deterministic_per_seed(self):
+        a = poisson_disc_mask((48, 48), 4, calib=8, seed=3)
+        assert torch.equal(a, poisson_disc_mask((48, 48), 4, calib=8, seed=3))
+        assert not torch.equal(a, poisson_disc_mask((48, 48), 4, calib=8, seed=4))
+
+    def test_accel_one_is_fully_sampled(self):
+        assert poisson_disc_mask((8, 8), 1, calib=2).all()
+
+    def test_impossible_request_names_the_limit(self):
+        with pytest.raises(ValueError, match=r"accel=4.0 .*calib=\(24, 24\).*1.78"):
+            poisson_disc_mask((32, 32), 4, calib=24)
+
+    @pytest.mark.parametrize(
+        "kw, match",
+        [
+            ({"shape": (8,)}, "shape"),
+            ({"accel": 0.5}, "accel"),
+            ({"calib": 40}, "calib"),
+            ({"tol": 0}, "tol"),
+            ({"seed": 1.5}, "seed"),
+        ],
+    )
+    def test_bad_arguments(self, kw, match):
+        args = {"shape": (32, 32), "accel": 4, "calib": 8} | kw
+        with pytest.raises(ValueError, match=match):
+            poisson_disc_mask(**args)
+
+
+class TestOneDimensional:
+    @pytest.mark.parametrize("fn", [random_1d_mask, equispaced_1d_mask])
+    def test_columns_shared_by_rows_centre_sampled_and_seeded(self, fn):
+        mask = fn((20, 100), 4, center_fraction=0.08, seed="file1000.h5")
+        assert mask.shape == (20, 100) and mask.dtype == torch.float32
+        assert torch.equal(mask, mask[:1].expand_as(mask))
+        pad = (100 - 8 + 1) // 2
+        assert mask[0, pad : pad + 8].all()
+        assert torch.equal(mask, fn((20, 100), 4, center_fraction=0.08, seed="file1000.h5"))
+        # One seed per volume: every slice of a (slices, H, W) volume gets the same mask.
+        vol = fn((3, 20, 100), 4, center_fraction=0.08, seed=7)
+        assert torch.equal(vol[0], vol[2])
+
+    def test_random_mask_reaches_accel_on_average(self):
+        accels = [accel_of(random_1d_mask((1, 368), 4, 0.08, seed=s)) for s in range(40)]
+        lines = [368 / a for a in accels]
+        assert abs(sum(lines) / len(lines) - 368 / 4) < 3
+        assert (
+            len({tuple(random_1d_mask((1, 368), 4, 0.08, seed=s)[0].tolist()) for s in range(5)})
+            == 5
+        )
+
+    def test_equispaced_mask_is_close_to_accel_and_evenly_spaced(self):
+        mask = equispaced_1d_mask((1, 320), 4, 0.08, seed=0)[0]
+        assert abs(accel_of(mask) - 4) < 0.3
+        cols = torch.nonzero(mask).flatten()
+        pad = (320 - 26 + 1) // 2
+        outside = cols[(cols < pad) | (cols >= pad + 26)]
+        gaps = outside[1:] - outside[:-1]
+        # fastMRI's adjusted spacing is 4 * (26 - 320) / (26 * 4 - 320) = 5.44, rounded per line.
+        assert set(gaps[gaps < 10].tolist()) <= {5, 6}
+
+    @pytest.mark.parametrize("fn", [random_1d_mask, equispaced_1d_mask])
+    def test_centre_larger_than_budget_is_an_error(self, fn):
+        with pytest.raises(ValueError, match="center_fraction=0.5"):
+            fn((1, 100), 4, center_fraction=0.5)
+
+    @pytest.mark.parametrize(
+        "kw", [{"shape": ()}, {"accel": 0}, {"center_fraction": 1.5}, {"seed": -1}]
+    )
+    def test_bad_arguments(self, kw):
+        args = {"shape": (4, 32), "accel": 4, "center_fraction": 0.08} | kw
+        with pytest.raises(ValueError, match=next(iter(kw))):
+            random_1d_mask(**args)
+
+
+class TestKt:
+    def test_each_frame_has_the_acceleration_and_the_centre(self):
+        mask = kt_mask((6, 10, 64), 8, calib=4, seed=0)
+        assert mask.shape == (6, 10, 64) and mask.dtype == torch.float32
+        lines = mask[:, 0, :]
+        assert torch.equal(mask, lines[:, None, :].expand_as(mask))
+        assert torch.all(lines.sum(dim=1) == 8)
+        assert lines[:, 30:34].all()
+
+    def test_frames_differ_and_seed_is_deterministic(self):
+        a = kt_mask((4, 2, 48), 4, calib=4, seed=5)
+        assert not torch.equal(a[0], a[1])
+        assert torch.equal(a, kt_mask((4, 2, 48), 4, calib=4, seed=5))
+        assert not torch.equal(a, kt_mask((4, 2, 48), 4, calib=4, seed=6))
+
+    def test_density_is_higher_near_the_centre(self):
+        lines = kt_mask((200, 1, 64), 4, calib=0, seed=0)[:, 0, :].mean(dim=0)
+        assert lines[24:40].mean() > 2 * torch.cat([lines[:8], lines[-8:]]).mean()
+
+    def test_too_high_acceleration_for_calib(self):
+        with pytest.raises(ValueError, match=r"accel=16.*fewer than calib=8"):
+            kt_mask((2, 4, 64), 16, calib=8)
+
+    @pytest.mark.parametrize("kw", [{"shape": (4, 8)}, {"calib": 65}, {"vd_power": -1}])
+    def test_bad_arguments(self, kw):
+        args = {"shape": (2, 4, 64), "accel": 4} | kw
+        with pytest.raises(ValueError, match=next(iter(kw))):
+            kt_mask(**args)
