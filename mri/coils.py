@@ -21,7 +21,6 @@ def birdcage_maps(
     num_coils: int,
     r: float = 1.5,
     nzz: int = 8,
-    normalize: bool = True,
 ) -> Tensor:
     """Simulated birdcage coil sensitivities, via ``sigpy.mri.birdcage_maps``.
 
@@ -29,16 +28,16 @@ def birdcage_maps(
     maps = birdcage_maps((64, 64), num_coils=8)      # complex64 (8, 64, 64)
     ```
 
-    Birdcage maps are non-zero everywhere, so with ``normalize=True`` they are divided by
-    their root-sum-of-squares and ``sum_c |S_c|^2 = 1`` at every pixel, like ESPIRiT maps
-    inside the object. That makes ``||A^H A|| <= 1`` for [`SenseOp`][mri.physics.SenseOp].
+    Birdcage maps are non-zero everywhere and are normalised by their root-sum-of-squares,
+    so ``sum_c |S_c|^2 = 1`` at every pixel, like ESPIRiT maps inside the object. That makes
+    ``||A^H A|| <= 1`` for [`SenseOp`][mri.physics.SenseOp], and a fully sampled ``A^H A``
+    the identity.
 
     Args:
         shape: Spatial shape, ``(H, W)`` or ``(D, H, W)``.
         num_coils: Number of coils (>= 1).
         r: Relative radius of the birdcage (SigPy's ``r``).
         nzz: Coils per ring in 3D (SigPy's ``nzz``).
-        normalize: Divide by the root-sum-of-squares over coils.
 
     Returns:
         A complex64 tensor of shape ``(num_coils, *shape)``.
@@ -60,8 +59,8 @@ def birdcage_maps(
     if not r > 0:
         raise ValueError(f"{where}: r must be > 0, got {r!r}")
     maps = sigpy.mri.birdcage_maps((int(num_coils), *map(int, shape)), r=r, nzz=nzz)
-    if normalize:
-        maps = maps / np.sqrt(np.sum(np.abs(maps) ** 2, axis=0, keepdims=True))
+    # SigPy normalises already; repeating it is cheap and makes the guarantee ours.
+    maps = maps / np.sqrt(np.sum(np.abs(maps) ** 2, axis=0, keepdims=True))
     return torch.from_numpy(maps.astype(np.complex64))
 
 
