@@ -275,3 +275,20 @@ def find_shared_parameters(groups: Sequence[Sequence[nn.Module]]) -> list[tuple[
                 else:
                     owner.setdefault(key, (g, f"block {b}: {name}"))
     return shared
+
+
+class StageUnit(nn.Module):
+    """A stage and its head as one module: what a step runs, and what DDP wraps.
+
+    Returns ``(output, prediction)``; the prediction is the head's output (the output itself for
+    stages without a head).
+    """
+
+    def __init__(self, stage: Stage, head: nn.Module) -> None:
+        super().__init__()
+        self.stage = stage
+        self.head = head
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, Any]:
+        out = self.stage(x, *args, **kwargs)
+        return out, self.head(out)

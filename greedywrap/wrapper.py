@@ -10,10 +10,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from greedywrap import distributed as _dist
 from greedywrap import engines
 from greedywrap.stages import (
     DeviceLike,
     Stage,
+    StageUnit,
     assign_devices,
     check_balance,
     even_balance,
@@ -115,6 +117,10 @@ class GreedyWrapper(nn.Module):
         clip_grad_norm: if given, clip each stage's gradient norm to this value.
         precision: ``"fp32"`` (default), ``"bf16"`` (autocast, CPU and CUDA) or ``"fp16"``
             (autocast with one GradScaler per stage, CUDA only).
+        grad_accumulation: step each stage's optimizer every this many ``train_step`` calls,
+            accumulating gradients (of losses divided by it) in between.
+        distributed: data parallelism over processes (one DDP per stage). ``None`` (default)
+            turns it on when ``torch.distributed`` is initialised with several processes.
         timeout: seconds any wait on a worker may last before it is reported as hung.
 
     Raises:
@@ -137,6 +143,8 @@ class GreedyWrapper(nn.Module):
         checkpoint: bool = False,
         clip_grad_norm: float | None = None,
         precision: str = "fp32",
+        grad_accumulation: int = 1,
+        distributed: bool | None = None,
         timeout: float = 600.0,
     ) -> None:
         super().__init__()
@@ -168,6 +176,12 @@ class GreedyWrapper(nn.Module):
             raise ValueError(f"clip_grad_norm: got {clip_grad_norm!r}; expected a positive number")
         if not isinstance(checkpoint, bool):
             raise TypeError(f"checkpoint: got {checkpoint!r}; expected True or False")
+        if (
+            isinstance(grad_accumulation, bool)
+            or not isinstance(grad_accumulation, int)
+            or (grad_accumulation < 1)
+        ):
+            raise ValueError(f"grad_accumulation: got {grad_accumulation!r}; expected an int >= 1")
         if not (isinstance(timeout, (int, float)) and timeout > 0):
             raise ValueError(f"timeout: got {timeout!r}; expected a positive number of seconds")
 
@@ -208,6 +222,14 @@ class GreedyWrapper(nn.Module):
             stage.to(stage.device)
             self.heads[m].to(stage.device)
 
+        self._units = [StageUnit(s, h) for s, h in zip(self.stages, self.heads, strict=True)]
+        self.distributed = _dist.use_distributed(distributed)
+        self._runners = (
+            _dist.wrap_stage_units(self._units, [s.device for s in self.stages])
+            if self.distributed
+            else list(self._units)
+        )
+        self.grad_accumulation = grad_accumulation
         self.devices = device_list
         self.stage_entry = stage_entry
         self.balance = balance
@@ -354,12 +376,12 @@ class GreedyWrapper(nn.Module):
                 "train_step: the wrapper is in eval mode; call .train() first (eval mode would "
                 "train with inference behaviour of dropout/batch-norm)"
             )
-        losses = self._engine.step(x0, target, block_args, block_kwargs)
+        sync = (self.step_count + 1) % self.grad_accumulation == 0
+        losses = self._engine.step(x0, target, block_args, block_kwargs, sync)
         self.step_count += 1
         return losses
 
-    def _compute_loss(self, m: int, out: torch.Tensor, target: Any) -> torch.Tensor:
-        pred = self.heads[m](out)
+    def _compute_loss(self, m: int, pred: torch.Tensor, target: Any) -> torch.Tensor:
         try:
             loss = self.losses[m](pred, target)
         except (RuntimeError, ValueError, TypeError) as err:
@@ -376,26 +398,33 @@ class GreedyWrapper(nn.Module):
         return loss
 
     def _stage_forward(
-        self, m: int, x: torch.Tensor, target: Any, args: tuple, kwargs: dict
+        self, m: int, x: torch.Tensor, target: Any, args: tuple, kwargs: dict, sync: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Forward of stage m on a detached input; returns (output, loss) with the graph alive."""
-        stage = self.stages[m]
+        runner = self._runners[m]
         inp = x.detach()
-        with self._autocast(stage.device):
-            out = stage(inp, *args, **kwargs)
-            loss = self._compute_loss(m, out, target)
+        # Under DDP, micro-steps that do not update skip the gradient all-reduce.
+        no_sync = getattr(runner, "no_sync", None)
+        quiet = no_sync() if (no_sync is not None and not sync) else contextlib.nullcontext()
+        with quiet, self._autocast(self.stages[m].device):
+            out, pred = runner(inp, *args, **kwargs)
+            loss = self._compute_loss(m, pred, target)
         return out, loss
 
-    def _stage_update(self, m: int, loss: torch.Tensor) -> None:
-        """Backward of stage m's loss, clipping, optimizer and scheduler step."""
+    def _stage_update(self, m: int, loss: torch.Tensor, sync: bool = True) -> None:
+        """Backward of stage m's loss; on update steps also clipping, optimizer, scheduler."""
         opt = self.optimizers[m]
         if opt is None or not loss.requires_grad:
             return
         scaler = self.scalers[m]
+        if self.grad_accumulation > 1:
+            loss = loss / self.grad_accumulation
         if scaler is not None:
             scaler.scale(loss).backward()
         else:
             loss.backward()
+        if not sync:
+            return
         if self.clip_grad_norm is not None:
             if scaler is not None:
                 scaler.unscale_(opt)
@@ -444,6 +473,7 @@ class GreedyWrapper(nn.Module):
                 f"exit_at: got {exit_at!r}; expected an int between 1 and {self.num_stages} "
                 "(the number of stages) or None for all"
             )
+        self.synchronize()
         moved: dict[torch.device, tuple[tuple, dict]] = {}
         x = x0
         outputs = []
@@ -467,6 +497,7 @@ class GreedyWrapper(nn.Module):
         Saved by ``state_dict()`` under the key ``_extra_state`` next to the parameters, so a
         wrapper nested in a larger module checkpoints and resumes with it.
         """
+        self.synchronize()
         return {
             "version": _STATE_VERSION,
             "balance": list(self.balance),
@@ -510,11 +541,13 @@ class GreedyWrapper(nn.Module):
     def _apply(self, fn: Callable, recurse: bool = True) -> GreedyWrapper:  # type: ignore[override]
         # Moving the wrapper by hand would desynchronise stages from their workers; the wrapper
         # owns placement. Dtype changes and moves of a single-device wrapper are allowed.
+        if hasattr(self, "_engine"):
+            self.synchronize()
         before = [p.device for p in self.parameters()]
         result = super()._apply(fn, recurse)
         after = [p.device for p in self.parameters()]
         if before != after:
-            if self._explicit_devices:
+            if self._explicit_devices or self.distributed:
                 raise RuntimeError(
                     "GreedyWrapper owns device placement: it was built with "
                     f"devices={[str(d) for d in self.devices]}; build a new wrapper with other "
@@ -530,11 +563,28 @@ class GreedyWrapper(nn.Module):
                         for k, v in st.items():
                             if isinstance(v, torch.Tensor) and v.dim() > 0:
                                 st[k] = v.to(new)
+            self._engine.close()
             self._engine = engines.make_engine(self)
         return result
 
+    def synchronize(self) -> None:
+        """Wait until every stage's pending update has finished (P-GLEAM).
+
+        ``train_step`` may return while the last stages still update on their workers; call this
+        before reading parameters directly. Inference, ``state_dict()`` and moves call it.
+
+        Raises:
+            StageError: a stage's backward or update failed on its worker.
+        """
+        self._engine.synchronize()
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """The parameters of every stage and head, plus the optimizer state (``_extra_state``)."""
+        self.synchronize()
+        return super().state_dict(*args, **kwargs)
+
     def close(self) -> None:
-        """Stop worker threads (a no-op for a single device). Safe to call twice."""
+        """Wait for pending updates and stop worker threads. Safe to call twice."""
         self._engine.close()
 
     def __enter__(self) -> GreedyWrapper:

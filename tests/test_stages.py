@@ -6,12 +6,13 @@ import itertools
 
 import pytest
 import torch
-from conftest import make_blocks, make_data
 from hypothesis import given
 from hypothesis import strategies as st
 
 from greedywrap import balance_by_cost, balance_by_time, even_balance
 from greedywrap.stages import assign_devices
+
+from toys import make_blocks, make_data
 
 
 @given(n=st.integers(1, 200), data=st.data())

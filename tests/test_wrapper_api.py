@@ -7,10 +7,11 @@ import io
 
 import pytest
 import torch
-from conftest import ResBlock, assert_bitwise_equal, make_blocks, make_data, params_of
 from torch import nn
 
 from greedywrap import GreedyWrapper
+
+from toys import ResBlock, assert_bitwise_equal, make_blocks, make_data, params_of
 
 
 def test_accepts_sequential_modulelist_and_plain_iterables():
@@ -252,3 +253,25 @@ def test_moving_a_placed_wrapper_by_hand_is_refused():
     meta = copy.deepcopy(gw)
     with pytest.raises(RuntimeError, match="owns device placement"):
         meta.to("meta")
+
+
+def test_gradient_accumulation_over_micro_batches_equals_one_full_batch_step():
+    x0, target = make_data(batch=8)
+    full_blocks, micro_blocks = make_blocks(4), make_blocks(4)
+    full = GreedyWrapper(
+        full_blocks, splits=2, optimizer=torch.optim.SGD, optimizer_kwargs={"lr": 0.1}
+    )
+    micro = GreedyWrapper(
+        micro_blocks,
+        splits=2,
+        optimizer=torch.optim.SGD,
+        optimizer_kwargs={"lr": 0.1},
+        grad_accumulation=2,
+    )
+    for _ in range(3):
+        full.train_step(x0, target, 0.5)
+        micro.train_step(x0[:4], target[:4], 0.5)
+        assert micro.step_count % 2 == 1
+        micro.train_step(x0[4:], target[4:], 0.5)
+    for a, b in zip(params_of(full_blocks), params_of(micro_blocks), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -5,12 +5,13 @@ from __future__ import annotations
 import copy
 
 import torch
-from conftest import assert_bitwise_equal, make_blocks, make_data, params_of
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
 from greedywrap import GreedyWrapper
+
+from toys import assert_bitwise_equal, make_blocks, make_data, params_of
 
 
 def hand_written_end_to_end(blocks, x0, target, steps, lr):

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import ResBlock, make_blocks, make_data
 from torch import nn
 
 from greedywrap import GreedyWrapper
+
+from toys import ResBlock, make_blocks, make_data
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""Shared helpers for the greedywrap tests: small deterministic block networks."""
+"""Small deterministic block networks shared by the greedywrap tests."""
 
 from __future__ import annotations
 

@@ -1,0 +1,79 @@
+"""Data parallelism over 2 processes (gloo on 127.0.0.1) matches single-process training."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from greedywrap import GreedyWrapper
+
+from toys import make_blocks
+
+HERE = Path(__file__).parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(mode: str, out: Path, timeout: float = 120) -> list[int]:
+    port = _free_port()
+    env = {**os.environ, "PYTHONPATH": f"{HERE}{os.pathsep}{HERE.parent}", "OMP_NUM_THREADS": "1"}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(HERE / "dist_train.py"), str(r), "2", str(port), str(out), mode],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        for r in range(2)
+    ]
+    codes = []
+    try:
+        for p in procs:
+            p.wait(timeout=timeout)
+            codes.append(p.returncode)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for p in procs:
+        log = p.stdout.read().decode(errors="replace")
+        p.stdout.close()
+        if p.returncode not in (0, 3) and mode != "die":
+            print(log)
+    return codes
+
+
+def _single_process() -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(7)
+    x0, target = torch.randn(8, 8, generator=g), torch.randn(8, 8, generator=g)
+    gw = GreedyWrapper(make_blocks(4, seed=0), splits=2, optimizer_kwargs={"lr": 1e-2})
+    for _ in range(4):
+        gw.train_step(x0, target, 0.5)
+    return [p.detach() for p in gw.parameters()]
+
+
+@pytest.mark.parametrize("mode", ["seq", "async", "accumulate"])
+def test_two_gloo_ranks_match_single_process_training_on_the_whole_batch(tmp_path, mode):
+    out = tmp_path / "params.pt"
+    assert _launch(mode, out) == [0, 0]
+    got = torch.load(out, weights_only=True)
+    expected = _single_process()
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_a_rank_that_dies_makes_the_other_fail_instead_of_hang(tmp_path):
+    codes = _launch("die", tmp_path / "never.pt", timeout=90)
+    assert codes[1] == 3
+    assert codes[0] != 0
