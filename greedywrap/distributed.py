@@ -59,7 +59,6 @@ def wrap_stage_units(
                 unit,
                 device_ids=[device.index] if device.type == "cuda" else None,
                 process_group=group,
-                broadcast_buffers=True,
             )
         )
     return wrapped
