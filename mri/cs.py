@@ -52,13 +52,13 @@ def _slice_arrays(
     op: SenseOp, kspace: Tensor, b: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
     """Numpy k-space (masked), maps, squared weights and the scale of slice ``b``."""
+    mask = op.mask if op.mask is not None else torch.ones((), device=kspace.device)
+    weights = torch.broadcast_to(mask.to(op.maps.real.dtype), kspace.shape)[b]
     y = kspace[b : b + 1]
-    x0 = op.adjoint(y)  # full op here so sub-batches need no separate SenseOp
-    scale = float(x0.abs().max()) or 1.0
-    mask = op.mask if op.mask is not None else torch.ones(())
-    weights = torch.broadcast_to(mask.to(torch.float64), kspace.shape)[b].cpu().numpy()
-    ksp = (y[0] * torch.from_numpy(weights).to(y.device)).detach().cpu().numpy() / scale
+    scale = float(SenseOp(op.maps[b : b + 1], weights, op.fft_dims).adjoint(y).abs().max()) or 1.0
+    ksp = (y[0] * weights).detach().cpu().numpy() / scale
     maps = op.maps[b].detach().cpu().numpy()
+    weights = weights.detach().cpu().numpy()
     return ksp, maps, np.ascontiguousarray(weights**2), scale
 
 
