@@ -6,24 +6,16 @@ from torch import nn
 from greedywrap import GreedyWrapper, format_bytes, track_memory
 
 
-def denoiser(depth: int = 8, width: int = 32) -> nn.Sequential:
-    block = lambda: nn.Sequential(  # noqa: E731 - one residual block of the denoiser
-        nn.Conv2d(1, width, 3, padding=1),
-        nn.ReLU(),
-        nn.Conv2d(width, width, 3, padding=1),
-        nn.ReLU(),
-        nn.Conv2d(width, 1, 3, padding=1),
-    )
-    return nn.Sequential(*[Residual(block()) for _ in range(depth)])
-
-
-class Residual(nn.Module):
-    def __init__(self, body: nn.Module) -> None:
-        super().__init__()
-        self.body = body
-
+class Residual(nn.Sequential):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.body(x)
+        return x + super().forward(x)
+
+
+def denoiser(depth: int = 8, width: int = 32) -> nn.Sequential:
+    conv = lambda cin, cout: nn.Conv2d(cin, cout, 3, padding=1)  # noqa: E731
+    return nn.Sequential(
+        *[Residual(conv(1, width), nn.ReLU(), conv(width, width), nn.ReLU(), conv(width, 1))
+          for _ in range(depth)])  # fmt: skip
 
 
 torch.manual_seed(0)
