@@ -5,14 +5,17 @@ with ``train_step``: each stage learns from its own local loss on a detached inp
 memory scales with one stage instead of the whole network.
 """
 
+from greedywrap.engines import StageError
 from greedywrap.memory import MemoryReport, format_bytes, measure_peak_memory, track_memory
 from greedywrap.stages import balance_by_cost, balance_by_time, even_balance
-from greedywrap.wrapper import GreedyWrapper
+from greedywrap.wrapper import GreedyWrapper, NonFiniteLossError
 
 __version__ = "0.1.0"
 
 __all__ = [
     "GreedyWrapper",
+    "StageError",
+    "NonFiniteLossError",
     "MemoryReport",
     "track_memory",
     "measure_peak_memory",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import math
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -24,7 +25,19 @@ from greedywrap.stages import (
     read_blocks,
 )
 
-__all__ = ["GreedyWrapper"]
+__all__ = ["GreedyWrapper", "NonFiniteLossError"]
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A stage's loss was NaN or Inf (raised when ``nonfinite="raise"``)."""
+
+    def __init__(self, stage: int, step: int, value: float) -> None:
+        super().__init__(
+            f"stage {stage}: loss is {value} at step {step}; its update was not applied"
+        )
+        self.stage = stage
+        self.step = step
+
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 OptimizerSpec = type[torch.optim.Optimizer] | Callable[..., torch.optim.Optimizer]
@@ -121,6 +134,10 @@ class GreedyWrapper(nn.Module):
             accumulating gradients (of losses divided by it) in between.
         distributed: data parallelism over processes (one DDP per stage). ``None`` (default)
             turns it on when ``torch.distributed`` is initialised with several processes.
+        nonfinite: what to do with a NaN/Inf stage loss: ``None`` (default: nothing, no
+            host synchronisation), ``"raise"`` (raise :class:`NonFiniteLossError` naming the
+            stage and step, before the update) or ``"skip"`` (skip that stage's update and
+            count it in ``skipped_updates``). Checking reads the loss on the host once per stage.
         timeout: seconds any wait on a worker may last before it is reported as hung.
 
     Raises:
@@ -145,6 +162,7 @@ class GreedyWrapper(nn.Module):
         precision: str = "fp32",
         grad_accumulation: int = 1,
         distributed: bool | None = None,
+        nonfinite: str | None = None,
         timeout: float = 600.0,
     ) -> None:
         super().__init__()
@@ -182,6 +200,8 @@ class GreedyWrapper(nn.Module):
             or (grad_accumulation < 1)
         ):
             raise ValueError(f"grad_accumulation: got {grad_accumulation!r}; expected an int >= 1")
+        if nonfinite not in (None, "raise", "skip"):
+            raise ValueError(f"nonfinite: got {nonfinite!r}; expected None, 'raise' or 'skip'")
         if not (isinstance(timeout, (int, float)) and timeout > 0):
             raise ValueError(f"timeout: got {timeout!r}; expected a positive number of seconds")
 
@@ -267,6 +287,8 @@ class GreedyWrapper(nn.Module):
             for opt in self.optimizers
         ]
         self.step_count = 0
+        self.nonfinite = nonfinite
+        self.skipped_updates = [0] * num_stages
         self._engine = engines.make_engine(self)
 
     # ------------------------------------------------------------------ construction helpers
@@ -377,8 +399,8 @@ class GreedyWrapper(nn.Module):
                 "train with inference behaviour of dropout/batch-norm)"
             )
         sync = (self.step_count + 1) % self.grad_accumulation == 0
-        losses = self._engine.step(x0, target, block_args, block_kwargs, sync)
         self.step_count += 1
+        losses = self._engine.step(x0, target, block_args, block_kwargs, sync)
         return losses
 
     def _compute_loss(self, m: int, pred: torch.Tensor, target: Any) -> torch.Tensor:
@@ -416,6 +438,14 @@ class GreedyWrapper(nn.Module):
         opt = self.optimizers[m]
         if opt is None or not loss.requires_grad:
             return
+        if self.nonfinite is not None:
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                if self.nonfinite == "raise":
+                    raise NonFiniteLossError(m, self.step_count, value)
+                self.skipped_updates[m] += 1
+                opt.zero_grad(set_to_none=True)
+                return
         scaler = self.scalers[m]
         if self.grad_accumulation > 1:
             loss = loss / self.grad_accumulation

@@ -275,3 +275,53 @@ def test_gradient_accumulation_over_micro_batches_equals_one_full_batch_step():
         micro.train_step(x0[4:], target[4:], 0.5)
     for a, b in zip(params_of(full_blocks), params_of(micro_blocks), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+class _NanAfter(nn.Module):
+    """Produces NaN on the given call numbers."""
+
+    def __init__(self, bad_calls):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.calls = 0
+        self.bad_calls = bad_calls
+
+    def forward(self, x, scale=1.0):
+        self.calls += 1
+        y = self.fc(x)
+        return y * float("nan") if self.calls in self.bad_calls else y
+
+
+def test_nonfinite_raise_names_stage_and_step_and_leaves_parameters_untouched():
+    from greedywrap import NonFiniteLossError
+
+    blocks = [*make_blocks(1), _NanAfter({2})]
+    gw = GreedyWrapper(blocks, splits=2, nonfinite="raise")
+    x0, target = make_data()
+    gw.train_step(x0, target, 0.5)
+    before = params_of(blocks[1:])
+    with pytest.raises(NonFiniteLossError, match=r"stage 1: loss is nan at step 2"):
+        gw.train_step(x0, target, 0.5)
+    assert_bitwise_equal(params_of(blocks[1:]), before)
+
+
+def test_nonfinite_skip_counts_and_goes_on():
+    blocks = [*make_blocks(1), _NanAfter({2, 3})]
+    gw = GreedyWrapper(blocks, splits=2, nonfinite="skip")
+    x0, target = make_data()
+    for _ in range(4):
+        gw.train_step(x0, target, 0.5)
+    assert gw.skipped_updates == [0, 2]
+    assert all(torch.isfinite(p).all() for p in gw.parameters())
+
+
+def test_nonfinite_in_a_worker_reaches_the_caller_as_stage_error():
+    from greedywrap import NonFiniteLossError, StageError
+
+    blocks = [*make_blocks(1), _NanAfter({1})]
+    gw = GreedyWrapper(blocks, splits=2, devices=["cpu", "cpu"], nonfinite="raise")
+    gw.train_step(*make_data(), 0.5)
+    with pytest.raises(StageError) as info:
+        gw.synchronize()
+    assert isinstance(info.value.__cause__, NonFiniteLossError)
+    gw.close()

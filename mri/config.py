@@ -1,0 +1,330 @@
+"""Experiment configs: typed sections read from YAML, checked before any training starts.
+
+A config names the data, the model, the training method and the evaluation. Files live in
+``mri/configs/`` (the paper's experiments and small CPU presets) and are loaded by name or path
+with :func:`load_config`. Unknown keys, wrong types and impossible values raise
+:class:`ConfigError` naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+__all__ = [
+    "ConfigError",
+    "DataConfig",
+    "ModelConfig",
+    "TrainConfig",
+    "EvalConfig",
+    "Config",
+    "load_config",
+    "config_from_dict",
+    "config_to_dict",
+    "list_configs",
+    "CONFIG_DIR",
+]
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+METHODS = ("e2e", "checkpoint", "gleam", "pgleam")
+
+
+class ConfigError(ValueError):
+    """A config key that is unknown, of the wrong type or of an impossible value."""
+
+
+@dataclass
+class DataConfig:
+    """Where the data comes from and how it is undersampled.
+
+    Attributes:
+        kind: ``"2d"`` slices, ``"3d"`` volumes or ``"cine"`` (2D+time).
+        shape: the spatial shape of the built-in data (``[H, W]``, ``[D, H, W]`` or
+            ``[T, H, W]``); ignored for prepared data on disk.
+        num_coils: receive coils of the built-in data.
+        num_train: training slices (volumes, series) of the built-in data.
+        num_val: validation items of the built-in data.
+        num_test: test items of the built-in data.
+        noise: complex noise level of the built-in data (relative to the signal).
+        seed: seed of the built-in data.
+        mask: ``"poisson"``, ``"random1d"``, ``"equispaced1d"`` or ``"kt"`` (cine).
+        accel: acceleration R (>= 1).
+        calib: fully sampled calibration width (Poisson disc, k-t).
+        center_fraction: fully sampled centre fraction (1D masks).
+    """
+
+    kind: Literal["2d", "3d", "cine"] = "2d"
+    shape: list[int] = field(default_factory=lambda: [96, 96])
+    num_coils: int = 8
+    num_train: int = 32
+    num_val: int = 4
+    num_test: int = 8
+    noise: float = 0.01
+    seed: int = 0
+    mask: Literal["poisson", "random1d", "equispaced1d", "kt"] = "poisson"
+    accel: float = 6.0
+    calib: int = 16
+    center_fraction: float = 0.08
+
+
+@dataclass
+class ModelConfig:
+    """The unrolled network.
+
+    Attributes:
+        type: ``"pgd"`` (unrolled proximal gradient descent) or ``"modl"``.
+        num_unrolls: the number of blocks N.
+        features: channels of the hidden convolutions.
+        num_resblocks: residual blocks per PGD prox.
+        num_layers: convolutions per MoDL denoiser.
+        cg_iters: conjugate-gradient iterations per MoDL DC step.
+        mu: initial MoDL regularisation weight.
+        step_size: initial PGD gradient step (negative).
+        conv_dim: 2 for slices, 3 for volumes and cine.
+    """
+
+    type: Literal["pgd", "modl"] = "pgd"
+    num_unrolls: int = 8
+    features: int = 32
+    num_resblocks: int = 2
+    num_layers: int = 5
+    cg_iters: int = 10
+    mu: float = 0.05
+    step_size: float = -2.0
+    conv_dim: Literal[2, 3] = 2
+
+
+@dataclass
+class TrainConfig:
+    """How to train.
+
+    Attributes:
+        method: ``"e2e"`` (end-to-end), ``"checkpoint"`` (end-to-end with a checkpoint per
+            unroll), ``"gleam"`` (greedy, ``splits`` stages) or ``"pgleam"`` (greedy with
+            stages on ``devices``).
+        splits: the number of stages M for greedy methods (1 <= M <= num_unrolls).
+        checkpoint_blocks: also checkpoint the blocks inside each greedy stage.
+        devices: devices for ``pgleam`` (e.g. ``[0, 1]`` or ``["cpu", "cpu"]``).
+        batch_size: samples per step.
+        lr: Adam learning rate (> 0).
+        iterations: training steps.
+        val_every: validate every this many steps (and at the end).
+        log_every: print and log every this many steps.
+        precision: ``"fp32"``, ``"bf16"`` or ``"fp16"``.
+        clip_grad_norm: clip each stage's gradient norm (``null`` for no clipping).
+        seed: seed of initialisation, mask draws and data order.
+        num_workers: data-loader worker processes.
+    """
+
+    method: Literal["e2e", "checkpoint", "gleam", "pgleam"] = "gleam"
+    splits: int = 4
+    checkpoint_blocks: bool = False
+    devices: list[int | str] | None = None
+    batch_size: int = 1
+    lr: float = 1e-4
+    iterations: int = 200
+    val_every: int = 50
+    log_every: int = 10
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    clip_grad_norm: float | None = None
+    seed: int = 0
+    num_workers: int = 0
+
+
+@dataclass
+class EvalConfig:
+    """How to evaluate.
+
+    Attributes:
+        cs: the compressed-sensing baseline: ``"l1wavelet"``, ``"tv"`` or ``"none"``.
+        cs_lamda: its regularisation weight (``null`` for the module's default).
+        cs_iters: its iterations.
+        max_slices: evaluate at most this many test items (``null`` for all).
+    """
+
+    cs: Literal["l1wavelet", "tv", "none"] = "l1wavelet"
+    cs_lamda: float | None = None
+    cs_iters: int = 100
+    max_slices: int | None = None
+
+
+@dataclass
+class Config:
+    """A whole experiment: ``name``, ``description`` and the four sections."""
+
+    name: str = "unnamed"
+    description: str = ""
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " or ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check ``value`` against the annotation ``tp``; ints are accepted where floats are."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        if value in typing.get_args(tp) and type(value) in {type(a) for a in typing.get_args(tp)}:
+            return value
+    elif origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(tp):
+            try:
+                return _coerce(key, value, option)
+            except ConfigError:
+                continue
+    elif origin is list:
+        if isinstance(value, list):
+            (inner,) = typing.get_args(tp)
+            return [_coerce(f"{key}[{i}]", v, inner) for i, v in enumerate(value)]
+    elif tp is type(None):
+        if value is None:
+            return None
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is int or tp is str or tp is bool:
+        if type(value) is tp:
+            return value
+    raise ConfigError(f"{key}: got {value!r} ({type(value).__name__}); expected {_type_name(tp)}")
+
+
+def _section(cls: type, raw: Any, prefix: str) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix}: expected a mapping of keys, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in raw if k not in names]
+    if unknown:
+        raise ConfigError(
+            f"{prefix}.{unknown[0]}: unknown key; valid keys of '{prefix}' are {', '.join(names)}"
+        )
+    values = {}
+    for name in names:
+        if name in raw:
+            sub = f"{prefix}.{name}"
+            if dataclasses.is_dataclass(hints[name]):
+                values[name] = _section(hints[name], raw[name], sub)
+            else:
+                values[name] = _coerce(sub, raw[name], hints[name])
+    return cls(**values)
+
+
+def _check_values(cfg: Config) -> None:
+    d, m, t, e = cfg.data, cfg.model, cfg.train, cfg.eval
+
+    def need(ok: bool, key: str, value: Any, valid: str) -> None:
+        if not ok:
+            raise ConfigError(f"{key}: got {value!r}; {valid}")
+
+    rank = {"2d": 2, "3d": 3, "cine": 3}[d.kind]
+    need(len(d.shape) == rank and min(d.shape) >= 8, "data.shape", d.shape,
+         f"kind {d.kind!r} needs {rank} sizes, each >= 8")  # fmt: skip
+    for key in ("num_coils", "num_train", "num_val", "num_test"):
+        need(getattr(d, key) >= 1, f"data.{key}", getattr(d, key), "must be >= 1")
+    need(d.noise >= 0, "data.noise", d.noise, "must be >= 0")
+    need(d.accel >= 1, "data.accel", d.accel, "the acceleration must be >= 1")
+    need(d.calib >= 0, "data.calib", d.calib, "must be >= 0")
+    need(0 < d.center_fraction <= 1, "data.center_fraction", d.center_fraction, "must be in (0, 1]")
+    need((d.mask == "kt") == (d.kind == "cine"), "data.mask", d.mask,
+         "use 'kt' for cine data and 'poisson', 'random1d' or 'equispaced1d' otherwise")  # fmt: skip
+    need(m.conv_dim == (2 if d.kind == "2d" else 3), "model.conv_dim", m.conv_dim,
+         f"data.kind {d.kind!r} needs conv_dim {2 if d.kind == '2d' else 3}")  # fmt: skip
+    for key in ("num_unrolls", "features", "num_resblocks", "cg_iters"):
+        need(getattr(m, key) >= 1, f"model.{key}", getattr(m, key), "must be >= 1")
+    need(m.num_layers >= 2, "model.num_layers", m.num_layers, "must be >= 2")
+    need(m.mu > 0, "model.mu", m.mu, "must be > 0")
+    need(m.step_size < 0, "model.step_size", m.step_size, "must be negative (a descent step)")
+    if t.method in ("gleam", "pgleam"):
+        need(1 <= t.splits <= m.num_unrolls, "train.splits", t.splits,
+             f"must be between 1 and model.num_unrolls ({m.num_unrolls})")  # fmt: skip
+    need(t.method != "pgleam" or bool(t.devices), "train.devices", t.devices,
+         "method 'pgleam' needs a list of devices, e.g. [0, 1] or ['cpu', 'cpu']")  # fmt: skip
+    need(t.batch_size >= 1, "train.batch_size", t.batch_size, "must be >= 1")
+    need(t.lr > 0, "train.lr", t.lr, "the learning rate must be > 0")
+    need(t.iterations >= 1, "train.iterations", t.iterations, "must be >= 1")
+    need(t.val_every >= 1, "train.val_every", t.val_every, "must be >= 1")
+    need(t.log_every >= 1, "train.log_every", t.log_every, "must be >= 1")
+    need(t.clip_grad_norm is None or t.clip_grad_norm > 0, "train.clip_grad_norm",
+         t.clip_grad_norm, "must be > 0 or null")  # fmt: skip
+    need(t.num_workers >= 0, "train.num_workers", t.num_workers, "must be >= 0")
+    need(e.cs_iters >= 1, "eval.cs_iters", e.cs_iters, "must be >= 1")
+    need(e.cs_lamda is None or e.cs_lamda > 0, "eval.cs_lamda", e.cs_lamda, "must be > 0 or null")
+    need(e.max_slices is None or e.max_slices >= 1, "eval.max_slices", e.max_slices,
+         "must be >= 1 or null")  # fmt: skip
+
+
+def config_from_dict(raw: dict[str, Any]) -> Config:
+    """Build and check a :class:`Config` from a nested dict (as read from YAML).
+
+    Raises:
+        ConfigError: an unknown key, a value of the wrong type, or an impossible value.
+    """
+    cfg = _section(Config, raw, "config")
+    _check_values(cfg)
+    return cfg
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    """The config as a plain nested dict (for YAML/JSON)."""
+    return dataclasses.asdict(cfg)
+
+
+def list_configs() -> list[str]:
+    """Names of the configs shipped in ``mri/configs/``."""
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def load_config(name_or_path: str | Path, overrides: dict[str, Any] | None = None) -> Config:
+    """Load a shipped config by name (``"cpu-demo"``) or a YAML file by path.
+
+    Args:
+        name_or_path: a name from :func:`list_configs` or a path to a YAML file.
+        overrides: dotted keys to replace, e.g. ``{"train.iterations": 10}``.
+
+    Raises:
+        ConfigError: the file does not exist or the config is invalid.
+    """
+    path = Path(name_or_path)
+    if not path.suffix and not path.exists():
+        path = CONFIG_DIR / f"{name_or_path}.yaml"
+    if not path.is_file():
+        raise ConfigError(
+            f"config: {str(name_or_path)!r} is neither a file nor a shipped config; shipped "
+            f"configs are {', '.join(list_configs())}"
+        )
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config: {path} is not valid YAML: {err}") from err
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config: {path} must hold a mapping, got {type(raw).__name__}")
+    for dotted, value in (overrides or {}).items():
+        *parents, last = dotted.split(".")
+        node = raw
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{dotted}: '{p}' is not a section")
+        node[last] = value
+    return config_from_dict(raw)
