@@ -199,6 +199,11 @@ class AsyncEngine:
                 if worker.stream is not None and prev_event is not None:
                     worker.stream.wait_event(prev_event)
                 a, k, tgt = inputs.on(stage.device)
+                if x.is_cuda and x.device != stage.device:
+                    # A cross-device copy runs on the source device's current stream, not on
+                    # the stream that produced x: tell the allocator so x's memory is not
+                    # reused before that copy has run.
+                    x.record_stream(torch.cuda.current_stream(x.device))
                 inp = _to_device(x, stage.device, "x0")
                 if worker.stream is not None and inp.is_cuda:
                     inp.record_stream(worker.stream)
