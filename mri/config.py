@@ -9,6 +9,7 @@ with :func:`load_config`. Unknown keys, wrong types and impossible values raise
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -216,13 +217,16 @@ def _section(cls: type, raw: Any, prefix: str) -> Any:
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = [k for k in raw if k not in names]
     if unknown:
-        raise ConfigError(
-            f"{prefix}.{unknown[0]}: unknown key; valid keys of '{prefix}' are {', '.join(names)}"
-        )
+        key = unknown[0]
+        # Odd keys (empty, spaced, not strings) are quoted so the message still shows them.
+        shown = key if isinstance(key, str) and re.fullmatch(r"[\w-]+", key) else repr(key)
+        where = shown if prefix == "config" else f"{prefix}.{shown}"
+        raise ConfigError(f"{where}: unknown key; valid keys of '{prefix}' are {', '.join(names)}")
     values = {}
     for name in names:
         if name in raw:
-            sub = f"{prefix}.{name}"
+            # Keys are named as an override writes them (``train.lr``), without the root's name.
+            sub = name if prefix == "config" else f"{prefix}.{name}"
             if dataclasses.is_dataclass(hints[name]):
                 values[name] = _section(hints[name], raw[name], sub)
             else:
@@ -247,7 +251,7 @@ def _check_values(cfg: Config) -> None:
     need(d.calib >= 0, "data.calib", d.calib, "must be >= 0")
     need(0 < d.center_fraction <= 1, "data.center_fraction", d.center_fraction, "must be in (0, 1]")
     need((d.mask == "kt") == (d.kind == "cine"), "data.mask", d.mask,
-         "use 'kt' for cine data and 'poisson', 'random1d' or 'equispaced1d' otherwise")  # fmt: skip
+         "use 'kt' for cine and 'poisson', 'random1d' or 'equispaced1d' otherwise")  # fmt: skip
     need(m.conv_dim == (2 if d.kind == "2d" else 3), "model.conv_dim", m.conv_dim,
          f"data.kind {d.kind!r} needs conv_dim {2 if d.kind == '2d' else 3}")  # fmt: skip
     for key in ("num_unrolls", "features", "num_resblocks", "cg_iters"):
@@ -314,16 +318,23 @@ def load_config(name_or_path: str | Path, overrides: dict[str, Any] | None = Non
             f"configs are {', '.join(list_configs())}"
         )
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         raise ConfigError(f"config: {path} is not valid YAML: {err}") from err
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"config: {path} cannot be read as text: {err}") from err
+    if raw is None:  # an empty file means all defaults; a bare 0 or false is not a mapping
+        raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"config: {path} must hold a mapping, got {type(raw).__name__}")
     for dotted, value in (overrides or {}).items():
         *parents, last = dotted.split(".")
         node = raw
         for p in parents:
-            node = node.setdefault(p, {})
+            # A section left empty in YAML (``train:``) reads as None; it is still a section.
+            if node.get(p) is None:
+                node[p] = {}
+            node = node[p]
             if not isinstance(node, dict):
                 raise ConfigError(f"{dotted}: '{p}' is not a section")
         node[last] = value
