@@ -53,6 +53,9 @@ def _rng(where: str, seed: Seed) -> np.random.RandomState:
         ) from err
 
 
+_POISSON_ATTEMPTS = 16
+
+
 def poisson_disc_mask(
     shape: tuple[int, int],
     accel: float,
@@ -113,18 +116,28 @@ def poisson_disc_mask(
             f"the calibration block alone limits acceleration to H*W/(ch*cw) = "
             f"{h * w / calib_area:.3g}; lower accel or calib"
         )
-    try:
-        mask = sigpy.mri.poisson(
-            (h, w), accel, calib=tuple(calib), dtype=np.float32, seed=seed, tol=tol
-        )
-    except ValueError as err:
+    # SigPy's generator fails for some seeds that land just outside the tolerance; retrying
+    # with seeds derived deterministically from the requested one keeps masks reproducible.
+    last_err: ValueError | None = None
+    for attempt in range(_POISSON_ATTEMPTS):
+        trial_seed = None if seed is None else (seed + attempt * 7919) % 2**32
+        try:
+            mask = sigpy.mri.poisson(
+                (h, w), accel, calib=tuple(calib), dtype=np.float32, seed=trial_seed, tol=tol
+            )
+        except ValueError as err:
+            last_err = err
+            continue
+        return torch.from_numpy(np.ascontiguousarray(mask))
+    if last_err is not None:
+        err = last_err
         raise ValueError(
             f"{where}: no Poisson-disc pattern for shape={(h, w)}, accel={accel}, "
             f"calib={tuple(calib)} within tol={tol} (SigPy: {err}); the unsampled corners cap "
             "acceleration near 4/pi from below, and small shapes give coarse steps - try "
-            "another accel, a larger tol or a larger shape"
+            f"another accel, a larger tol or a larger shape ({_POISSON_ATTEMPTS} seeds tried)"
         ) from err
-    return torch.from_numpy(np.ascontiguousarray(mask))
+    raise AssertionError("unreachable")
 
 
 def _center_lines(where: str, num_cols: int, center_fraction: object) -> int:
