@@ -31,12 +31,14 @@ __all__ = ["GreedyWrapper", "NonFiniteLossError"]
 class NonFiniteLossError(FloatingPointError):
     """A stage's loss was NaN or Inf (raised when ``nonfinite="raise"``)."""
 
-    def __init__(self, stage: int, step: int, value: float) -> None:
+    def __init__(self, stage: int, step: int, value: float, detail: str = "") -> None:
         super().__init__(
             f"stage {stage}: loss is {value} at step {step}; its update was not applied"
+            + (f"; {detail}" if detail else "")
         )
         self.stage = stage
         self.step = step
+        self.value = value
 
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
