@@ -62,8 +62,9 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
         state = torch.load(path, map_location=map_location, weights_only=True)
     except (RuntimeError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError, ValueError) as err:
         raise CheckpointError(
-            f"checkpoint: {path} is truncated or corrupt and cannot be loaded ({err}); use an "
-            "earlier checkpoint or start again"
+            f"checkpoint: {path} cannot be loaded safely: it is truncated, corrupt, or holds "
+            f"more than tensors and plain containers ({type(err).__name__}: "
+            f"{str(err).splitlines()[0][:200]}); use an earlier checkpoint or start again"
         ) from err
     if not isinstance(state, dict) or "format" not in state:
         raise CheckpointError(
