@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -62,12 +63,12 @@ def _scores(pred: torch.Tensor, ref: torch.Tensor) -> dict[str, list[float]]:
     }
 
 
-def _frame(x: torch.Tensor) -> torch.Tensor:
+def _frame(x: torch.Tensor) -> np.ndarray:
     """A 2D magnitude image to show: the middle frame/slice of 3D data."""
     x = x.detach().abs().cpu()
     while x.dim() > 2:
         x = x[x.shape[0] // 2]
-    return x
+    return x.numpy()
 
 
 def plot_comparison(images: dict[str, torch.Tensor], path: str | os.PathLike) -> Path:
@@ -96,7 +97,7 @@ def plot_comparison(images: dict[str, torch.Tensor], path: str | os.PathLike) ->
             title += f"\n{p:.2f} dB"
         ax.set_title(title, fontsize=9)
         ax.axis("off")
-    err = (_frame(images[names[-1]]) - ref).abs()
+    err = np.abs(_frame(images[names[-1]]) - ref)
     axes[-1].imshow(err, cmap="magma", vmin=0, vmax=vmax * 0.25)
     axes[-1].set_title(f"|{names[-1]} - ref| (x4)", fontsize=9)
     axes[-1].axis("off")
