@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml constraints.txt
 env: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python examples/quickstart.py
+	$(BIN)/python examples/mri_knee.py --out runs/demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

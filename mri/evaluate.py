@@ -87,7 +87,7 @@ def plot_comparison(images: dict[str, torch.Tensor], path: str | os.PathLike) ->
     names = list(images)
     ref = _frame(images[names[0]])
     vmax = float(ref.max()) or 1.0
-    fig, axes = plt.subplots(1, len(names) + 1, figsize=(2.6 * (len(names) + 1), 2.9))
+    fig, axes = plt.subplots(1, len(names) + 1, figsize=(2.6 * (len(names) + 1), 3.3))
     for ax, name in zip(axes, names, strict=False):
         img = _frame(images[name])
         ax.imshow(img, cmap="gray", vmin=0, vmax=vmax)
