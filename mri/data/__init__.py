@@ -1,0 +1,32 @@
+"""MRI data: the built-in simulated dataset, the h5 slice format, and readers of real formats.
+
+- :mod:`mri.data.simulate` generates the built-in data (phantoms, smooth phase, birdcage coils,
+  noise) for 2D slices, 3D volumes and 2D+time cine, cached as h5 slice files.
+- :mod:`mri.data.h5format` writes, validates and reads the h5 slice format.
+- :mod:`mri.data.fastmri` reads fastMRI multicoil files as they are published.
+- :mod:`mri.pipeline` turns slice files into masked, normalised training samples.
+"""
+
+from mri.data.fastmri import FastMRIVolume, read_fastmri
+from mri.data.h5format import (
+    DataFormatError,
+    SliceData,
+    SliceFileInfo,
+    inspect_slices,
+    read_slices,
+    write_slices,
+)
+from mri.data.simulate import simulate_dataset, simulate_multicoil
+
+__all__ = [
+    "DataFormatError",
+    "SliceData",
+    "SliceFileInfo",
+    "inspect_slices",
+    "read_slices",
+    "write_slices",
+    "simulate_dataset",
+    "simulate_multicoil",
+    "FastMRIVolume",
+    "read_fastmri",
+]
