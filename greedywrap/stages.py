@@ -171,6 +171,8 @@ def normalize_device(device: DeviceLike) -> torch.device:
     if isinstance(device, bool):
         raise TypeError(f"devices: got {device!r}; expected an int, 'cpu', 'cuda:i' or a device")
     if isinstance(device, int):
+        if device < 0:
+            raise ValueError(f"devices: got {device}; a CUDA device index must be >= 0")
         device = torch.device("cuda", device)
     elif isinstance(device, str):
         try:
@@ -193,6 +195,17 @@ def normalize_device(device: DeviceLike) -> torch.device:
                 + ("" if available else " (use 'cpu')")
             )
         device = torch.device("cuda", index)
+    elif device.type == "meta":
+        raise ValueError("devices: 'meta' holds no data, so nothing can train on it")
+    elif device.type != "cpu":
+        # Other backends (mps, xpu, ...) fail in their own ways when missing (RuntimeError,
+        # AssertionError); one allocation tells at construction whether this one is usable.
+        try:
+            torch.empty(0, device=device)
+        except Exception as err:  # noqa: BLE001 - re-raised with the argument named
+            raise ValueError(
+                f"devices: {device} is not usable on this machine ({type(err).__name__}: {err})"
+            ) from err
     return device
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
+import threading
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -192,6 +193,10 @@ class GreedyWrapper(nn.Module):
 
         if precision not in _PRECISIONS:
             raise ValueError(f"precision: got {precision!r}; expected one of {_PRECISIONS}")
+        if clip_grad_norm is not None and (
+            isinstance(clip_grad_norm, bool) or not isinstance(clip_grad_norm, (int, float))
+        ):
+            raise TypeError(f"clip_grad_norm: got {clip_grad_norm!r}; expected a positive number")
         if clip_grad_norm is not None and not clip_grad_norm > 0:
             raise ValueError(f"clip_grad_norm: got {clip_grad_norm!r}; expected a positive number")
         if not isinstance(checkpoint, bool):
@@ -257,7 +262,8 @@ class GreedyWrapper(nn.Module):
         self.balance = balance
         self.precision = precision
         self.clip_grad_norm = clip_grad_norm
-        self.timeout = float(timeout)
+        # threading refuses waits beyond TIMEOUT_MAX (OverflowError); longer means "no limit".
+        self.timeout = min(float(timeout), threading.TIMEOUT_MAX)
         self.checkpoint = checkpoint
 
         losses = _per_stage(
@@ -339,8 +345,19 @@ class GreedyWrapper(nn.Module):
                         f"optimizer_kwargs: {kwargs} rejected by {spec.__name__} ({err}); "
                         f"valid keys are {valid}"
                     ) from err
+                except ValueError as err:  # e.g. "Invalid learning rate: -1.0"
+                    raise ValueError(
+                        f"optimizer_kwargs: {kwargs} rejected by {spec.__name__}: {err}"
+                    ) from err
             elif callable(spec):
-                opt = spec(params)
+                try:
+                    opt = spec(params)
+                except Exception as err:  # noqa: BLE001 - re-raised with the argument named
+                    kind = type(err) if type(err) in (TypeError, ValueError) else RuntimeError
+                    raise kind(
+                        f"optimizer: the factory for stage {m} failed "
+                        f"({type(err).__name__}: {err}); it must be f(params) -> Optimizer"
+                    ) from err
                 if not isinstance(opt, torch.optim.Optimizer):
                     raise TypeError(
                         f"optimizer: the factory for stage {m} returned "
