@@ -4,9 +4,11 @@
   noise) for 2D slices, 3D volumes and 2D+time cine, cached as h5 slice files.
 - :mod:`mri.data.h5format` writes, validates and reads the h5 slice format.
 - :mod:`mri.data.fastmri` reads fastMRI multicoil files as they are published.
+- :mod:`mri.data.convert` converts mridata.org ISMRMRD, fastMRI and NIfTI files to slice files.
 - :mod:`mri.pipeline` turns slice files into masked, normalised training samples.
 """
 
+from mri.data.convert import convert_fastmri, convert_mridata, convert_nifti
 from mri.data.fastmri import FastMRIVolume, read_fastmri
 from mri.data.h5format import (
     DataFormatError,
@@ -29,4 +31,7 @@ __all__ = [
     "simulate_multicoil",
     "FastMRIVolume",
     "read_fastmri",
+    "convert_mridata",
+    "convert_fastmri",
+    "convert_nifti",
 ]

@@ -175,8 +175,12 @@ def simulate_dataset(
     """
     rank = spatial_rank(kind)
     shape = tuple(_DEFAULT_SHAPES[kind] if shape is None else shape)
-    if len(shape) != rank or not all(isinstance(n, int) and n >= 8 for n in shape):
-        raise ValueError(f"shape must be {rank} ints >= 8 for kind {kind!r}, got {shape!r}")
+    if len(shape) != rank or not all(isinstance(n, int) and not isinstance(n, bool) for n in shape):
+        raise ValueError(f"shape must be {rank} ints for kind {kind!r}, got {shape!r}")
+    # Cine frames are time points, not pixels: only the image axes need room for a phantom.
+    image_axes = shape[1:] if kind == "cine" else shape
+    if min(image_axes) < 8:
+        raise ValueError(f"shape must have image sides >= 8 for kind {kind!r}, got {shape!r}")
     if kind == "cine" and shape[0] < 2:
         raise ValueError(f"cine shape (T, H, W) needs T >= 2 frames, got {shape!r}")
     for name, value in (("num_train", num_train), ("num_val", num_val), ("num_test", num_test)):
