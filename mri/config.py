@@ -242,8 +242,12 @@ def _check_values(cfg: Config) -> None:
             raise ConfigError(f"{key}: got {value!r}; {valid}")
 
     rank = {"2d": 2, "3d": 3, "cine": 3}[d.kind]
-    need(len(d.shape) == rank and min(d.shape) >= 8, "data.shape", d.shape,
-         f"kind {d.kind!r} needs {rank} sizes, each >= 8")  # fmt: skip
+    need(
+        len(d.shape) == rank and min(d.shape[-2:]) >= 8 and min(d.shape) >= 2,
+        "data.shape",
+        d.shape,
+        f"kind {d.kind!r} needs {rank} sizes, H and W >= 8 (and D or T >= 2)",
+    )
     for key in ("num_coils", "num_train", "num_val", "num_test"):
         need(getattr(d, key) >= 1, f"data.{key}", getattr(d, key), "must be >= 1")
     need(d.noise >= 0, "data.noise", d.noise, "must be >= 0")

@@ -103,18 +103,20 @@ class SliceDataset(Dataset):
         self.seed = seed
         self.epoch = 0
         self.index: list[tuple[Path, int]] = []
+        self.shapes: dict[Path, tuple[int, ...]] = {}
         kinds = set()
         for path in self.files:
             info = inspect_slices(path)
             kinds.add(info.kind)
-            self.spatial_shape = info.spatial_shape
+            # Real data mixes matrix sizes (fastMRI widths vary), so masks follow each file.
+            self.shapes[path] = tuple(info.spatial_shape)
             self.index += [(path, j) for j in range(info.num_slices)]
         if kinds != {cfg.data.kind}:
             raise DataFormatError(
                 f"data: {self.folder} holds {sorted(kinds)} data but the config says "
                 f"data.kind={cfg.data.kind!r}"
             )
-        self._bank: dict[int, torch.Tensor] = {}
+        self._bank: dict[tuple[int, tuple[int, ...]], torch.Tensor] = {}
         self._fixed: dict[str, torch.Tensor] = {}
 
     def __len__(self) -> int:
@@ -141,12 +143,13 @@ class SliceDataset(Dataset):
     def mask_for(self, i: int) -> torch.Tensor:
         """The mask of item ``i`` in the current epoch."""
         path, j = self.index[i]
-        spatial = tuple(self.spatial_shape)
+        spatial = self.shapes[path]
         if self.train:
             k = _stable_seed("pick", self.seed, self.epoch, i) % MASK_BANK_SIZE
-            if k not in self._bank:
-                self._bank[k] = self._draw_mask(spatial, _stable_seed("bank", self.seed, k))
-            return self._bank[k]
+            if (k, spatial) not in self._bank:
+                seed = _stable_seed("bank", self.seed, k, list(spatial))
+                self._bank[(k, spatial)] = self._draw_mask(spatial, seed)
+            return self._bank[(k, spatial)]
         if path.name not in self._fixed:
             self._fixed[path.name] = self._draw_mask(spatial, _stable_seed("file", path.name))
         return self._fixed[path.name]
@@ -236,6 +239,12 @@ def make_loader(
     if train and len(dataset) < bs:
         raise DataFormatError(
             f"data: {Path(root) / split} has {len(dataset)} items, fewer than train.batch_size={bs}"
+        )
+    if bs > 1 and len(set(dataset.shapes.values())) > 1:
+        raise DataFormatError(
+            f"data: {Path(root) / split} mixes spatial shapes "
+            f"{sorted(set(dataset.shapes.values()))}, which cannot be batched; use "
+            "train.batch_size 1 or data of one shape"
         )
     sampler = EpochSampler(dataset, cfg.train.seed, shuffle)
     loader = DataLoader(

@@ -141,6 +141,17 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((version, tuple(internal), gauss))
 
 
+def _tensorboard(out: Path, enabled: bool) -> Any:
+    """A SummaryWriter into ``out/tensorboard`` when TensorBoard is installed, else None."""
+    if not enabled:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(out / "tensorboard"))
+
+
 def _append_csv(path: Path, row: dict[str, Any]) -> None:
     new = not path.exists()
     with path.open("a", newline="") as f:
@@ -159,6 +170,7 @@ def train(
     progress: bool = True,
     nonfinite: str = "raise",
     max_steps: int | None = None,
+    tensorboard: bool = True,
 ) -> TrainResult:
     """Train ``cfg``'s model with ``cfg.train.method`` and keep the best validation model.
 
@@ -177,6 +189,7 @@ def train(
             step) or ``"skip"`` (skip that stage's update, count it, go on).
         max_steps: stop after this many steps in this call (for tests of resuming); the
             schedule still follows ``cfg.train.iterations``.
+        tensorboard: also log to ``out_dir/tensorboard`` when TensorBoard is installed.
 
     Raises:
         NonFiniteLossError: a loss became NaN/Inf and ``nonfinite="raise"``.
@@ -220,6 +233,7 @@ def train(
             stale.unlink(missing_ok=True)
 
     end = t.iterations if max_steps is None else min(t.iterations, step + max_steps)
+    writer = _tensorboard(out, tensorboard)
     bar = tqdm(total=t.iterations, initial=step, disable=not progress, desc=f"{t.method}")
     batches = _batches(train_loader, step)
     start_time = time.perf_counter()
@@ -243,18 +257,26 @@ def train(
                 {"step": step, **{f"loss_stage{m}": v for m, v in enumerate(values)}},
             )
             bar.set_postfix(loss=f"{values[-1]:.4f}")
+            if writer is not None:
+                for m, v in enumerate(values):
+                    writer.add_scalar(f"loss/stage{m}", v, step)
         bar.update(1)
         if step % t.val_every == 0 or step == t.iterations:
             scores = validate(gw, val_loader)
             record = {"step": step, **{f"val_{k}": v for k, v in scores.items()},
                       "seconds": time.perf_counter() - start_time}  # fmt: skip
             history.append(record)
+            if writer is not None:
+                for k, v in scores.items():
+                    writer.add_scalar(f"val/{k}", v, step)
             if scores["nrmse"] < best:
                 best, best_step = scores["nrmse"], step
                 save_checkpoint(_state(cfg, gw, step, best_step, best, history, skipped), best_path)
             save_checkpoint(_state(cfg, gw, step, best_step, best, history, skipped), last_path)
             (out / "history.json").write_text(json.dumps(history, indent=2))
     bar.close()
+    if writer is not None:
+        writer.close()
     gw.close()
     return TrainResult(out, step, best_step, best, history, skipped + sum(gw.skipped_updates))
 

@@ -46,6 +46,18 @@ def test_every_method_trains_and_keeps_the_best_model(tiny_root, method):
     assert (tiny_root / method / "log.csv").read_text().startswith("step,loss_stage0")
 
 
+def test_losses_and_validation_metrics_reach_tensorboard(tiny_root):
+    accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    cfg = load_config("cpu-tiny", {"train.iterations": 2, "train.val_every": 2,
+                                   "train.log_every": 1})  # fmt: skip
+    train(cfg, tiny_root / "tb", progress=False)
+    events = accumulator.EventAccumulator(str(tiny_root / "tb" / "tensorboard"))
+    events.Reload()
+    tags = events.Tags()["scalars"]
+    assert {"loss/stage0", "loss/stage1", "val/psnr", "val/nrmse"} <= set(tags)
+    assert [e.step for e in events.Scalars("loss/stage1")] == [1, 2]
+
+
 def test_resume_continues_exactly_as_an_uninterrupted_run(tiny_root):
     cfg = load_config("cpu-tiny", {"train.iterations": 6, "train.val_every": 2})
     train(cfg, tiny_root / "straight", progress=False)
