@@ -6,6 +6,7 @@ memory scales with one stage instead of the whole network.
 """
 
 from greedywrap.engines import StageError
+from greedywrap.inversion import InversionError
 from greedywrap.memory import MemoryReport, format_bytes, measure_peak_memory, track_memory
 from greedywrap.stages import balance_by_cost, balance_by_time, even_balance
 from greedywrap.wrapper import GreedyWrapper, NonFiniteLossError
@@ -16,6 +17,7 @@ __all__ = [
     "GreedyWrapper",
     "StageError",
     "NonFiniteLossError",
+    "InversionError",
     "MemoryReport",
     "track_memory",
     "measure_peak_memory",

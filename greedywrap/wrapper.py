@@ -14,6 +14,7 @@ from torch import nn
 
 from greedywrap import distributed as _dist
 from greedywrap import engines
+from greedywrap.inversion import InversionError, InvertedStage, check_invertible
 from greedywrap.stages import (
     DeviceLike,
     Stage,
@@ -141,6 +142,15 @@ class GreedyWrapper(nn.Module):
             host synchronisation), ``"raise"`` (raise :class:`NonFiniteLossError` naming the
             stage and step, before the update) or ``"skip"`` (skip that stage's update and
             count it in ``skipped_updates``). Checking reads the loss on the host once per stage.
+        invertible: train by inversion (MEL) instead of storing activations: every block
+            must implement ``inverse(y, *block_args, **block_kwargs)``; each stage keeps only
+            its output and ``inversion_checkpoints`` inputs, and recovers the others in
+            backward by inversion (see :mod:`greedywrap.inversion`). Combines with ``splits``.
+        inversion_checkpoints: block inputs kept per stage besides the stage input, evenly
+            spaced, so inversion errors cannot accumulate over long runs of blocks.
+        max_inversion_error: raise :class:`~greedywrap.inversion.InversionError` (before the
+            update) when a block's relative inversion error exceeds this; the errors of the
+            last step are in ``inversion_errors`` either way.
         timeout: seconds any wait on a worker may last before it is reported as hung.
 
     Raises:
@@ -166,6 +176,9 @@ class GreedyWrapper(nn.Module):
         grad_accumulation: int = 1,
         distributed: bool | None = None,
         nonfinite: str | None = None,
+        invertible: bool = False,
+        inversion_checkpoints: int = 0,
+        max_inversion_error: float | None = None,
         timeout: float = 600.0,
     ) -> None:
         super().__init__()
@@ -209,6 +222,31 @@ class GreedyWrapper(nn.Module):
             raise ValueError(f"grad_accumulation: got {grad_accumulation!r}; expected an int >= 1")
         if nonfinite not in (None, "raise", "skip"):
             raise ValueError(f"nonfinite: got {nonfinite!r}; expected None, 'raise' or 'skip'")
+        if not isinstance(invertible, bool):
+            raise TypeError(f"invertible: got {invertible!r}; expected True or False")
+        if invertible:
+            check_invertible(blocks)
+            if checkpoint:
+                raise ValueError(
+                    "checkpoint: True together with invertible=True; inversion already avoids "
+                    "storing activations, choose one"
+                )
+            if precision == "fp16":
+                raise ValueError("precision: 'fp16' is not supported with invertible=True")
+        if (
+            isinstance(inversion_checkpoints, bool)
+            or not isinstance(inversion_checkpoints, int)
+            or inversion_checkpoints < 0
+        ):
+            raise ValueError(
+                f"inversion_checkpoints: got {inversion_checkpoints!r}; expected an int >= 0"
+            )
+        if max_inversion_error is not None and not (
+            isinstance(max_inversion_error, (int, float)) and max_inversion_error > 0
+        ):
+            raise ValueError(
+                f"max_inversion_error: got {max_inversion_error!r}; expected a number > 0 or None"
+            )
         if not (isinstance(timeout, (int, float)) and timeout > 0):
             raise ValueError(f"timeout: got {timeout!r}; expected a positive number of seconds")
 
@@ -251,6 +289,8 @@ class GreedyWrapper(nn.Module):
 
         self._units = [StageUnit(s, h) for s, h in zip(self.stages, self.heads, strict=True)]
         self.distributed = _dist.use_distributed(distributed)
+        if invertible and self.distributed:
+            raise ValueError("invertible: MEL is not supported with distributed data parallelism")
         self._runners = (
             _dist.wrap_stage_units(self._units, [s.device for s in self.stages])
             if self.distributed
@@ -297,6 +337,11 @@ class GreedyWrapper(nn.Module):
         self.step_count = 0
         self.nonfinite = nonfinite
         self.skipped_updates = [0] * num_stages
+        self.invertible = invertible
+        self.inversion_checkpoints = inversion_checkpoints
+        self.max_inversion_error = max_inversion_error
+        self.inversion_errors: list[list[float]] = [[] for _ in range(num_stages)]
+        self._inverted: list[InvertedStage | None] = [None] * num_stages
         self._engine = engines.make_engine(self)
 
     # ------------------------------------------------------------------ construction helpers
@@ -444,6 +489,16 @@ class GreedyWrapper(nn.Module):
         """Forward of stage m on a detached input; returns (output, loss) with the graph alive."""
         runner = self._runners[m]
         inp = x.detach()
+        if self.invertible:
+            device = self.stages[m].device
+            ctx = InvertedStage.forward(
+                self.stages[m].blocks, inp, args, kwargs, self.inversion_checkpoints,
+                lambda: self._autocast(device),
+            )  # fmt: skip
+            self._inverted[m] = ctx
+            with self._autocast(device):
+                loss = self._compute_loss(m, self.heads[m](ctx.output), target)
+            return ctx.output, loss
         # Under DDP, micro-steps that do not update skip the gradient all-reduce.
         no_sync = getattr(runner, "no_sync", None)
         quiet = no_sync() if (no_sync is not None and not sync) else contextlib.nullcontext()
@@ -472,6 +527,8 @@ class GreedyWrapper(nn.Module):
             scaler.scale(loss).backward()
         else:
             loss.backward()
+        if self.invertible:
+            self._inverted_backward(m, opt)
         if not sync:
             return
         if self.clip_grad_norm is not None:
@@ -487,6 +544,17 @@ class GreedyWrapper(nn.Module):
         sched = self.schedulers[m]
         if sched is not None:
             sched.step()
+
+    def _inverted_backward(self, m: int, opt: torch.optim.Optimizer) -> None:
+        ctx, self._inverted[m] = self._inverted[m], None
+        device = self.stages[m].device
+        errors = ctx.backward(ctx.output.grad, lambda: self._autocast(device))
+        self.inversion_errors[m] = errors
+        bad = InvertedStage.first_violation(errors, self.max_inversion_error)
+        if bad is not None:
+            opt.zero_grad(set_to_none=True)
+            block = sum(self.balance[:m]) + bad[0]
+            raise InversionError(m, block, bad[1], self.max_inversion_error)
 
     def move_args(self, device: torch.device, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         """Move block arguments to ``device`` (tensors and objects with ``.to``)."""
