@@ -1,0 +1,293 @@
+"""Reconstruction quality of end-to-end, checkpointing and GLEAM training, as in the GLEAM paper.
+
+On the built-in simulated 2D data and the small ``cpu-demo`` network, trained on CPU:
+(a) equal architecture: end-to-end, gradient checkpointing and GLEAM at the same N and the same
+iterations, over several seeds; (b) equal memory: GLEAM with a 3x deeper network, cut into the
+fewest stages whose measured training footprint fits end-to-end's; (c) zero-filled and
+compressed-sensing baselines on the same test slices; (d) PSNR after every unroll (early exit)
+for each trained model, with a count of how often it rises. Prints tables, writes a JSON file
+and ``depth_curves.png``.
+
+    .venv/bin/python benchmarks/quality.py [--quick] [--seeds N] [--iterations N]
+        [--json PATH] [--out DIR] [--threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import gc
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from greedywrap import format_bytes, track_memory
+from mri.config import Config, load_config
+from mri.evaluate import evaluate, plot_depth
+from mri.pipeline import batch_to_inputs, make_loader, prepare_builtin
+from mri.train import build_model, build_wrapper, load_trained, train
+
+METRICS = ("psnr", "ssim", "nrmse")
+DEPTH_FACTOR = 3  # the paper's claim: a 3x deeper network in end-to-end's memory
+
+
+def machine() -> dict[str, Any]:
+    return {
+        "cpus": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cuda": torch.cuda.is_available(),
+        "date": datetime.date.today().isoformat(),
+    }
+
+
+def base_config(quick: bool, iterations: int | None) -> Config:
+    """The demo network (or the tiny one for ``--quick``); validation four times per run."""
+    iters = iterations or (6 if quick else 250)
+    # Four validations are enough to keep the best model (as the paper does) without the
+    # validation passes costing a noticeable share of a short run.
+    overrides: dict[str, Any] = {
+        "train.iterations": iters,
+        "train.val_every": max(1, iters // 4),
+        "train.log_every": max(1, iters // 4),
+    }
+    if quick:
+        return load_config("cpu-tiny", overrides)
+    # The demo's 96x96 slices cost ~0.35 s per step on the loaded 2-core machine; 12 runs of
+    # them (one 3x deeper) do not fit ~15 minutes. 64x64 keeps the demo's network, mask and
+    # acceleration at less than half the cost per step.
+    return load_config("cpu-demo", {**overrides, "data.shape": [64, 64]})
+
+
+def variant(cfg: Config, method: str, n: int, m: int, seed: int) -> Config:
+    return dataclasses.replace(
+        cfg,
+        model=dataclasses.replace(cfg.model, num_unrolls=n),
+        train=dataclasses.replace(cfg.train, method=method, splits=m, seed=seed),
+    )
+
+
+def footprint(cfg: Config, data: Path) -> int:
+    """Bytes one training step needs: its measured peak plus parameters and Adam state."""
+    torch.manual_seed(0)
+    gw = build_wrapper(build_model(cfg), cfg)
+    batch = next(iter(make_loader(data, "train", cfg, shuffle=False)))
+    x0, target, meas = batch_to_inputs(batch)
+    gw.train_step(x0, target, meas)  # warm-up: creates Adam's moments, which outlive a step
+    gc.collect()
+    with track_memory(cpu=True, rss=False) as report:
+        gw.train_step(x0, target, meas)
+    state = sum(p.numel() * p.element_size() for p in gw.parameters())
+    for opt in gw.optimizers:
+        for st in opt.state.values():
+            state += sum(v.numel() * v.element_size() for v in st.values() if torch.is_tensor(v))
+    gw.close()
+    return report.max_peak + state
+
+
+def equal_memory_splits(cfg: Config, data: Path, n_deep: int, log) -> tuple[int, dict]:
+    """The fewest stages M (largest stages) for which GLEAM at depth ``n_deep`` fits e2e's budget.
+
+    Fewer, larger stages are the least greedy choice, so this gives the deep network the best
+    chance the memory budget allows; M = N (one block per stage) always fits.
+    """
+    n = cfg.model.num_unrolls
+    budget = footprint(variant(cfg, "e2e", n, 1, 0), data)
+    probes = {}
+    for m in [d for d in range(1, n_deep + 1) if n_deep % d == 0]:
+        need = footprint(variant(cfg, "gleam", n_deep, m, 0), data)
+        probes[m] = need
+        log(f"  GLEAM N={n_deep} M={m}: footprint {format_bytes(need)} "
+            f"(budget: e2e N={n} {format_bytes(budget)})")  # fmt: skip
+        if need <= budget:
+            return m, {"budget": budget, "probes": probes}
+    return n_deep, {"budget": budget, "probes": probes}
+
+
+def run_one(cfg: Config, data: Path, out: Path, with_cs: bool) -> dict[str, Any]:
+    start = time.perf_counter()
+    train(cfg, out, data, progress=False)
+    seconds = time.perf_counter() - start
+    gw, _ = load_trained(out / "best.pt")
+    # CS depends only on the test slices, not on the model: compute it once, not per run.
+    eval_cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, cs="none"))
+    result = evaluate(gw, cfg if with_cs else eval_cfg, data, out, name="model",
+                      progress=False, figures=False)  # fmt: skip
+    gw.close()
+    return {
+        "seed": cfg.train.seed,
+        "train_seconds": seconds,
+        **{k: result["model"][k] for k in METRICS},
+        "depth_psnr": result["depth_psnr"],
+        "baselines": {k: result[k] for k in ("zero_filled", "cs") if k in result},
+    }
+
+
+def summary(values: list[float]) -> dict[str, float]:
+    return {
+        "mean": statistics.fmean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "values": values,
+    }
+
+
+def increases(curve: list[float]) -> int:
+    return sum(b > a for a, b in zip(curve, curve[1:], strict=False))
+
+
+def stage_end_curve(curve: list[float], splits: int) -> list[float]:
+    """The curve at stage boundaries only: the outputs that a greedy local loss trains."""
+    size = len(curve) // splits
+    return curve[size - 1 :: size]
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    head = (f"| {'method':<24} | {'N':>3} | {'M':>3} | {'PSNR (dB)':>13} | {'SSIM':>15} "
+            f"| {'nRMSE':>15} | {'train s':>7} |")  # fmt: skip
+    lines = [head, "|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|"]
+    for r in rows:
+        cells = []
+        for k, digits in (("psnr", 2), ("ssim", 4), ("nrmse", 4)):
+            s = r[k]
+            cells.append(f"{s['mean']:.{digits}f} ± {s['std']:.{digits}f}")
+        secs = f"{r['train_seconds']['mean']:.0f}" if r.get("train_seconds") else "-"
+        n = str(r["N"]) if r.get("N") else "-"
+        m = str(r["M"]) if r.get("M") else "-"
+        lines.append(f"| {r['label']:<24} | {n:>3} | {m:>3} | {cells[0]:>13} | {cells[1]:>15} "
+                     f"| {cells[2]:>15} | {secs:>7} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smoke run: tiny network, 1 seed")
+    parser.add_argument("--seeds", type=int, default=None, help="seeds per method (default 3)")
+    parser.add_argument("--iterations", type=int, default=None, help="training steps per run")
+    parser.add_argument("--json", default=None, help="write the results here")
+    parser.add_argument("--out", default="runs/quality", help="runs and figures")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    args = parser.parse_args(argv)
+    # One thread by default: on a small shared CPU, OpenMP barriers across busy cores made the
+    # same step several times slower from run to run, which would drown the timing column.
+    torch.set_num_threads(args.threads)
+    wall = time.perf_counter()
+    seeds = list(range(args.seeds or (1 if args.quick else 3)))
+    cfg = base_config(args.quick, args.iterations)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    data = prepare_builtin(cfg, out)
+    n, m = cfg.model.num_unrolls, cfg.train.splits
+    n_deep = DEPTH_FACTOR * n
+
+    def log(msg: str) -> None:
+        print(msg, flush=True)
+
+    log(f"machine: {machine()}")
+    log(f"config {cfg.name}: {cfg.data.shape} {cfg.data.num_coils} coils, R={cfg.data.accel:g}; "
+        f"PGD N={n}, {cfg.model.features} features; {cfg.train.iterations} iterations, "
+        f"lr {cfg.train.lr:g}, seeds {seeds}")  # fmt: skip
+    log("equal memory: probing stage sizes for the deep GLEAM network")
+    m_deep, probe = equal_memory_splits(cfg, data, n_deep, log)
+
+    plan = [
+        ("e2e", "end-to-end", "e2e", n, 1),
+        ("checkpoint", "checkpointing", "checkpoint", n, 1),
+        ("gleam", f"GLEAM M={m}", "gleam", n, m),
+        ("gleam_deep", f"GLEAM {DEPTH_FACTOR}x deeper M={m_deep}", "gleam", n_deep, m_deep),
+    ]
+    methods: dict[str, dict[str, Any]] = {}
+    baselines: dict[str, Any] = {}
+    for key, label, method, depth, splits in plan:
+        runs = []
+        for seed in seeds:
+            run_cfg = variant(cfg, method, depth, splits, seed)
+            res = run_one(run_cfg, data, out / f"{key}-s{seed}", with_cs=not baselines)
+            baselines = baselines or res.pop("baselines")
+            res.pop("baselines", None)
+            runs.append(res)
+            log(f"  {label:<24} seed {seed}: PSNR {res['psnr']:.2f} SSIM {res['ssim']:.4f} "
+                f"nRMSE {res['nrmse']:.4f}, {res['train_seconds']:.0f} s")  # fmt: skip
+        curve = [statistics.fmean(c) for c in zip(*(r["depth_psnr"] for r in runs), strict=True)]
+        methods[key] = {
+            "label": label, "method": method, "N": depth, "M": splits,
+            **{k: summary([r[k] for r in runs]) for k in METRICS},
+            "train_seconds": summary([r["train_seconds"] for r in runs]),
+            "depth_psnr": curve,
+            "depth_psnr_per_seed": [r["depth_psnr"] for r in runs],
+            "depth_increases": increases(curve),
+            "depth_increases_per_seed": [increases(r["depth_psnr"]) for r in runs],
+            "stage_end_increases": increases(stage_end_curve(curve, splits)),
+        }  # fmt: skip
+
+    base_rows = [
+        {"label": "zero-filled", **{k: {"mean": v[k], "std": 0.0} for k in METRICS}}
+        for v in [baselines["zero_filled"]]
+    ]
+    if "cs" in baselines:
+        cs_label = f"CS ({cfg.eval.cs}, {cfg.eval.cs_iters} it)"
+        cs_means = {k: {"mean": baselines["cs"][k], "std": 0.0} for k in METRICS}
+        base_rows.append({"label": cs_label, **cs_means})
+    log(f"\n## (a) equal architecture: N={n}, {cfg.train.iterations} iterations, "
+        f"{len(seeds)} seed(s), mean ± std over seeds; (c) baselines, same slices")  # fmt: skip
+    log(table([methods[k] for k in ("e2e", "checkpoint", "gleam")] + base_rows))
+    log(f"\n## (b) equal memory: budget = end-to-end N={n} footprint "
+        f"{format_bytes(probe['budget'])}; GLEAM N={n_deep} M={m_deep} needs "
+        f"{format_bytes(probe['probes'][m_deep])}")  # fmt: skip
+    log(table([methods["e2e"], methods["gleam_deep"]]))
+
+    log("\n## (d) PSNR (dB) after each unroll (early exit), mean over seeds")
+    for entry in methods.values():
+        curve = entry["depth_psnr"]
+        log(f"{entry['label']:<26} {' '.join(f'{v:.2f}' for v in curve)}")
+    for key in ("gleam", "gleam_deep", "e2e"):
+        e = methods[key]
+        steps = len(e["depth_psnr"]) - 1
+        log(f"{e['label']}: PSNR rises at {e['depth_increases']} of {steps} unrolls "
+            f"({'monotone' if e['depth_increases'] == steps else 'not monotone'}); per seed "
+            f"{e['depth_increases_per_seed']}")  # fmt: skip
+        if 1 < e["M"] < e["N"]:
+            # Inside a stage only the last block has a loss, so the stage ends are the fair test.
+            log(f"  at the {e['M']} stage ends only: rises at {e['stage_end_increases']} "
+                f"of {e['M'] - 1}")  # fmt: skip
+    figure = plot_depth(
+        {methods[k]["label"]: methods[k]["depth_psnr"] for k in ("e2e", "gleam", "gleam_deep")},
+        out / "depth_curves.png",
+    )
+    seconds = time.perf_counter() - wall
+    log(f"\nwrote {figure}; wall time {seconds:.0f} s")
+
+    if args.json:
+        result = {
+            "machine": machine(),
+            "mode": "quick" if args.quick else "full",
+            "config": cfg.name,
+            "iterations": cfg.train.iterations,
+            "seeds": seeds,
+            "equal_memory": {
+                "budget": probe["budget"],
+                "footprints": probe["probes"],
+                "N": n_deep,
+                "M": m_deep,
+            },
+            "methods": methods,
+            "baselines": baselines,
+            "figure": str(figure),
+            "wall_seconds": seconds,
+        }
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    finite = all(math.isfinite(e[k]["mean"]) for e in methods.values() for k in METRICS)
+    return 0 if finite else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
