@@ -134,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a config (built-in data unless --data)")
     t.add_argument("--config", required=True, help="a shipped config name or a YAML path")
     t.add_argument("--data", default=None, help="prepared data folder with train/ val/ test/")
-    t.add_argument("--method", choices=["e2e", "checkpoint", "gleam", "pgleam"])
+    t.add_argument("--method", choices=["e2e", "checkpoint", "gleam", "pgleam", "mel"])
     t.add_argument("--iterations", type=int, help="override train.iterations")
     t.add_argument(
         "--set",
@@ -168,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
-    from greedywrap import NonFiniteLossError
+    from greedywrap import InversionError, NonFiniteLossError
     from mri.checkpoint import CheckpointError
     from mri.config import ConfigError
     from mri.data.h5format import DataFormatError
@@ -176,7 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, DataFormatError, CheckpointError, NonFiniteLossError) as err:
+    except (
+        ConfigError, DataFormatError, CheckpointError, NonFiniteLossError, InversionError
+    ) as err:  # fmt: skip
         print(f"error: {err}", file=sys.stderr)
         return 2
     except FileNotFoundError as err:

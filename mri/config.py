@@ -33,7 +33,7 @@ __all__ = [
 ]
 
 CONFIG_DIR = Path(__file__).parent / "configs"
-METHODS = ("e2e", "checkpoint", "gleam", "pgleam")
+METHODS = ("e2e", "checkpoint", "gleam", "pgleam", "mel")
 
 
 class ConfigError(ValueError):
@@ -107,8 +107,9 @@ class TrainConfig:
 
     Attributes:
         method: ``"e2e"`` (end-to-end), ``"checkpoint"`` (end-to-end with a checkpoint per
-            unroll), ``"gleam"`` (greedy, ``splits`` stages) or ``"pgleam"`` (greedy with
-            stages on ``devices``).
+            unroll), ``"gleam"`` (greedy, ``splits`` stages), ``"pgleam"`` (greedy with
+            stages on ``devices``) or ``"mel"`` (end-to-end, memory-efficient learning by
+            inversion).
         splits: the number of stages M for greedy methods (1 <= M <= num_unrolls).
         checkpoint_blocks: also checkpoint the blocks inside each greedy stage.
         devices: devices for ``pgleam`` (e.g. ``[0, 1]`` or ``["cpu", "cpu"]``).
@@ -119,11 +120,17 @@ class TrainConfig:
         log_every: print and log every this many steps.
         precision: ``"fp32"``, ``"bf16"`` or ``"fp16"``.
         clip_grad_norm: clip each stage's gradient norm (``null`` for no clipping).
+        invertible: train each greedy stage by inversion (GLEAM + MEL); ``method: mel`` is
+            end-to-end by inversion. Needs ``model.type: modl`` (its blocks can be inverted).
+        mel_checkpoints: block inputs kept per stage when training by inversion (the paper's
+            MEL runs needed 7 for stability).
+        mel_max_error: stop when a block's relative inversion error exceeds this
+            (``null``: never stop, only report).
         seed: seed of initialisation, mask draws and data order.
         num_workers: data-loader worker processes.
     """
 
-    method: Literal["e2e", "checkpoint", "gleam", "pgleam"] = "gleam"
+    method: Literal["e2e", "checkpoint", "gleam", "pgleam", "mel"] = "gleam"
     splits: int = 4
     checkpoint_blocks: bool = False
     devices: list[int | str] | None = None
@@ -134,6 +141,9 @@ class TrainConfig:
     log_every: int = 10
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     clip_grad_norm: float | None = None
+    invertible: bool = False
+    mel_checkpoints: int = 7
+    mel_max_error: float | None = 0.05
     seed: int = 0
     num_workers: int = 0
 
@@ -268,6 +278,16 @@ def _check_values(cfg: Config) -> None:
              f"must be between 1 and model.num_unrolls ({m.num_unrolls})")  # fmt: skip
     need(t.method != "pgleam" or bool(t.devices), "train.devices", t.devices,
          "method 'pgleam' needs a list of devices, e.g. [0, 1] or ['cpu', 'cpu']")  # fmt: skip
+    need(
+        not (t.method == "mel" or t.invertible) or m.type == "modl",
+        "model.type",
+        m.type,
+        "training by inversion (method 'mel' or train.invertible) needs 'modl', whose blocks "
+        "can be inverted",
+    )
+    need(t.mel_checkpoints >= 0, "train.mel_checkpoints", t.mel_checkpoints, "must be >= 0")
+    need(t.mel_max_error is None or t.mel_max_error > 0, "train.mel_max_error",
+         t.mel_max_error, "must be > 0 or null")  # fmt: skip
     need(t.batch_size >= 1, "train.batch_size", t.batch_size, "must be >= 1")
     need(t.lr > 0, "train.lr", t.lr, "the learning rate must be > 0")
     need(t.iterations >= 1, "train.iterations", t.iterations, "must be >= 1")

@@ -217,5 +217,15 @@ class ConjugateGradientDC(nn.Module):
             lambda v: op.normal(v) + mu * v, rhs, max_iter=self.max_iter, tol=self.tol, x0=z
         )
 
+    def inverse(self, x: Tensor, meas: Measurement) -> Tensor:
+        """Recover ``z`` from ``x = (A^H A + mu I)^{-1}(A^H y + mu z)``.
+
+        ``z = ((A^H A + mu I) x - A^H y) / mu``: exact when the forward solve converged, so
+        the error of a capped CG shows up as inversion error (MEL's stability problem).
+        """
+        meas = _check_meas("ConjugateGradientDC.inverse", meas)
+        op, mu = meas.op, self.mu
+        return (op.normal(x) + mu * x - op.adjoint(meas.kspace)) / mu
+
     def extra_repr(self) -> str:
         return f"mu={self.mu.detach().item():.4g}, max_iter={self.max_iter}, tol={self.tol}"

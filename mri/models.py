@@ -19,6 +19,7 @@ __all__ = [
     "channels_to_complex",
     "ResidualCNN",
     "PlainCNN",
+    "InvertibleResidualCNN",
     "PGDBlock",
     "MoDLBlock",
     "UnrolledPGD",
@@ -123,6 +124,96 @@ class PlainCNN(nn.Module):
         return x + channels_to_complex(self.net(complex_to_channels(x)))
 
 
+class _BoundedConv(nn.Module):
+    """A convolution whose operator norm is provably at most ``bound``.
+
+    The norm of a convolution is at most the sum over kernel taps of each tap's matrix norm,
+    itself at most its Frobenius norm; the weight is scaled down whenever that sum exceeds
+    ``bound``. Deterministic (no power-iteration state), so forward and the re-run of MEL see
+    the same function.
+    """
+
+    def __init__(self, conv_dim: int, cin: int, cout: int, bound: float) -> None:
+        super().__init__()
+        self.conv = _conv(conv_dim, cin, cout)
+        self.bound = bound
+
+    def forward(self, x: Tensor) -> Tensor:
+        w = self.conv.weight
+        taps = w.flatten(2).transpose(0, 2)  # (taps, in, out)
+        norm = torch.linalg.matrix_norm(taps).sum()
+        scale = torch.clamp(self.bound / norm.clamp_min(1e-12), max=1.0)
+        conv = nn.functional.conv2d if w.dim() == 4 else nn.functional.conv3d
+        return conv(x, w * scale, self.conv.bias, padding=1)
+
+
+class InvertibleResidualCNN(nn.Module):
+    """``x + f(x)`` with ``Lip(f) <= lipschitz < 1``: a denoiser that can be inverted (MEL).
+
+    ``f`` is a CNN of ``num_layers`` convolutions with ReLUs, each convolution's operator norm
+    bounded by ``lipschitz ** (1 / num_layers)``, so ``x -> x + f(x)`` is invertible and
+    :meth:`inverse` finds ``x`` from ``y`` by the fixed-point iteration ``x <- y - f(x)``, which
+    converges geometrically at rate ``lipschitz`` (the invertible residual blocks of MEL).
+
+    Args:
+        features: channels of the hidden convolutions.
+        num_layers: convolutions in ``f``.
+        conv_dim: 2 for slices, 3 for volumes or cine.
+        lipschitz: the Lipschitz bound of ``f`` (0 < lipschitz < 1).
+        inverse_iters: fixed-point iterations at most.
+        inverse_tol: stop when the update is below this fraction of ``|y|``.
+    """
+
+    def __init__(
+        self,
+        features: int = 64,
+        num_layers: int = 5,
+        conv_dim: int = 2,
+        lipschitz: float = 0.9,
+        inverse_iters: int = 50,
+        inverse_tol: float = 1e-6,
+    ) -> None:
+        super().__init__()
+        _check_positive_int("features", features)
+        if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 2:
+            raise ValueError(f"num_layers: got {num_layers!r}; expected an int >= 2")
+        if not 0 < lipschitz < 1:
+            raise ValueError(f"lipschitz: got {lipschitz!r}; expected 0 < lipschitz < 1")
+        _check_positive_int("inverse_iters", inverse_iters)
+        self.conv_dim = conv_dim
+        bound = lipschitz ** (1.0 / num_layers)
+        widths = [2] + [features] * (num_layers - 1) + [2]
+        layers: list[nn.Module] = []
+        for i in range(num_layers):
+            if i:
+                layers.append(nn.ReLU())
+            layers.append(_BoundedConv(conv_dim, widths[i], widths[i + 1], bound))
+        self.net = nn.Sequential(*layers)
+        self.lipschitz = lipschitz
+        self.inverse_iters = inverse_iters
+        self.inverse_tol = inverse_tol
+
+    def residual(self, x: Tensor) -> Tensor:
+        """``f(x)``."""
+        return channels_to_complex(self.net(complex_to_channels(x)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        _check_image(x, self.conv_dim)
+        return x + self.residual(x)
+
+    def inverse(self, y: Tensor) -> Tensor:
+        """The ``x`` with ``x + f(x) = y``, by fixed-point iteration."""
+        x = y
+        limit = self.inverse_tol * float(torch.linalg.vector_norm(y))
+        for _ in range(self.inverse_iters):
+            x_new = y - self.residual(x)
+            done = float(torch.linalg.vector_norm(x_new - x)) <= limit
+            x = x_new
+            if done:
+                break
+        return x
+
+
 def _check_image(x: Tensor, conv_dim: int) -> None:
     if not isinstance(x, Tensor) or not x.is_complex():
         got = x.dtype if isinstance(x, Tensor) else type(x).__name__
@@ -157,6 +248,15 @@ class MoDLBlock(nn.Module):
 
     def forward(self, x: Tensor, meas: Measurement) -> Tensor:
         return self.dc(self.denoiser(x), meas)
+
+    def inverse(self, y: Tensor, meas: Measurement) -> Tensor:
+        """Recover the block's input from its output (needs an invertible denoiser)."""
+        if not hasattr(self.denoiser, "inverse"):
+            raise TypeError(
+                f"MoDLBlock.inverse: the denoiser {type(self.denoiser).__name__} is not "
+                "invertible; build MoDL(..., invertible=True)"
+            )
+        return self.denoiser.inverse(self.dc.inverse(y, meas))
 
 
 class _Unrolled(nn.Sequential):
@@ -218,6 +318,8 @@ class MoDL(_Unrolled):
         mu: initial regularisation weight of the DC step (learnable).
         conv_dim: 2 for 2D slices, 3 for volumes or 2D+time.
         cg_tol: relative residual tolerance of CG.
+        invertible: use :class:`InvertibleResidualCNN` denoisers, so that every block has an
+            ``inverse`` and the network can be trained by inversion (MEL).
     """
 
     def __init__(
@@ -229,12 +331,19 @@ class MoDL(_Unrolled):
         mu: float = 0.05,
         conv_dim: int = 2,
         cg_tol: float = 1e-6,
+        invertible: bool = False,
     ) -> None:
         _check_positive_int("num_unrolls", num_unrolls)
+
+        def denoiser() -> nn.Module:
+            if invertible:
+                return InvertibleResidualCNN(features, num_layers, conv_dim)
+            return PlainCNN(features, num_layers, conv_dim)
+
         super().__init__(
             *[
                 MoDLBlock(
-                    PlainCNN(features, num_layers, conv_dim),
+                    denoiser(),
                     ConjugateGradientDC(mu, max_iter=cg_iters, tol=cg_tol),
                 )
                 for _ in range(num_unrolls)

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from greedywrap import GreedyWrapper, NonFiniteLossError, StageError
+from greedywrap import GreedyWrapper, InversionError, NonFiniteLossError, StageError
 from mri import metrics
 from mri.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from mri.config import Config, config_from_dict, config_to_dict
@@ -71,14 +71,21 @@ def build_model(cfg: Config) -> nn.Sequential:
     m = cfg.model
     if m.type == "pgd":
         return UnrolledPGD(m.num_unrolls, m.features, m.num_resblocks, m.conv_dim, m.step_size)
-    return MoDL(m.num_unrolls, m.features, m.num_layers, m.cg_iters, m.mu, m.conv_dim)
+    invertible = cfg.train.method == "mel" or cfg.train.invertible
+    return MoDL(
+        m.num_unrolls, m.features, m.num_layers, m.cg_iters, m.mu, m.conv_dim,
+        invertible=invertible,
+    )  # fmt: skip
 
 
 def build_wrapper(model: nn.Module, cfg: Config, nonfinite: str | None = None) -> GreedyWrapper:
     """Wrap ``model`` for the training method of ``cfg.train``."""
     t = cfg.train
-    splits = 1 if t.method in ("e2e", "checkpoint") else t.splits
-    checkpoint = t.method == "checkpoint" or (t.method != "e2e" and t.checkpoint_blocks)
+    splits = 1 if t.method in ("e2e", "checkpoint", "mel") else t.splits
+    invertible = t.method == "mel" or t.invertible
+    checkpoint = not invertible and (
+        t.method == "checkpoint" or (t.method in ("gleam", "pgleam") and t.checkpoint_blocks)
+    )
     devices = t.devices if t.method == "pgleam" else None
     return GreedyWrapper(
         model,
@@ -91,6 +98,9 @@ def build_wrapper(model: nn.Module, cfg: Config, nonfinite: str | None = None) -
         clip_grad_norm=t.clip_grad_norm,
         precision=t.precision,
         nonfinite=nonfinite,
+        invertible=invertible,
+        inversion_checkpoints=t.mel_checkpoints,
+        max_inversion_error=t.mel_max_error,
     )
 
 
@@ -248,6 +258,8 @@ def train(
                 good = last_path if last_path.exists() else "none written yet"
                 detail = f"training stopped; last good checkpoint: {good}"
                 raise NonFiniteLossError(cause.stage, cause.step, cause.value, detail) from err
+            if isinstance(cause, InversionError):
+                raise cause from err
             raise
         step += 1
         if step % t.log_every == 0 or step == end:
