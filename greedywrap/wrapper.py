@@ -250,6 +250,10 @@ class GreedyWrapper(nn.Module):
         if not (isinstance(timeout, (int, float)) and timeout > 0):
             raise ValueError(f"timeout: got {timeout!r}; expected a positive number of seconds")
 
+        if placement not in ("round_robin", "contiguous"):
+            raise ValueError(
+                f"placement: got {placement!r}; expected 'round_robin' or 'contiguous'"
+            )
         # Placement: one worker per entry of `devices`; None means "where the model already is".
         self._explicit_devices = devices is not None
         if devices is None:

@@ -8,6 +8,7 @@ tensors and plain containers, never code.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
 import tempfile
@@ -24,9 +25,42 @@ class CheckpointError(RuntimeError):
     """A checkpoint file that is missing, truncated, corrupt or not ours."""
 
 
+_DIGEST_KEY = "_sha256"
+
+
+def _digest(obj: Any, h: Any = None) -> str:
+    """A SHA-256 over every tensor's bytes and every plain value, in a fixed order.
+
+    ``torch.load`` does not verify the zip checksums, so a flipped bit on disk would load as
+    silently wrong numbers; this digest, stored in the checkpoint, catches it.
+    """
+    top = h is None
+    h = hashlib.sha256() if top else h
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous()
+        h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    elif isinstance(obj, dict):
+        h.update(b"D")
+        for key in sorted(obj, key=repr):
+            h.update(repr(key).encode())
+            _digest(obj[key], h)
+    elif isinstance(obj, (list, tuple)):
+        h.update(b"L" if isinstance(obj, list) else b"U")
+        for item in obj:
+            _digest(item, h)
+    else:
+        h.update(repr(obj).encode())
+    return h.hexdigest() if top else ""
+
+
 def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> Path:
-    """Write ``state`` to ``path`` atomically (temporary file, fsync, rename, fsync folder)."""
+    """Write ``state`` to ``path`` atomically (temporary file, fsync, rename, fsync folder).
+
+    A SHA-256 digest of the content is stored with it and checked by :func:`load_checkpoint`.
+    """
     path = Path(path)
+    state = {**state, _DIGEST_KEY: _digest(state)}
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -60,14 +94,23 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
         raise CheckpointError(f"checkpoint: {path} does not exist")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
-    except (RuntimeError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError, ValueError) as err:
+    except (
+        RuntimeError, EOFError, OSError, zipfile.BadZipFile, pickle.UnpicklingError, ValueError,
+    ) as err:  # fmt: skip
+        first_line = (str(err).splitlines() or ["no message"])[0][:200]
         raise CheckpointError(
             f"checkpoint: {path} cannot be loaded safely: it is truncated, corrupt, or holds "
-            f"more than tensors and plain containers ({type(err).__name__}: "
-            f"{str(err).splitlines()[0][:200]}); use an earlier checkpoint or start again"
+            f"more than tensors and plain containers ({type(err).__name__}: {first_line}); "
+            "use an earlier checkpoint or start again"
         ) from err
     if not isinstance(state, dict) or "format" not in state:
         raise CheckpointError(
             f"checkpoint: {path} was not written by mri.train (no 'format' key); cannot resume"
+        )
+    stored = state.pop(_DIGEST_KEY, None)
+    if stored is not None and stored != _digest(state):
+        raise CheckpointError(
+            f"checkpoint: {path} is corrupt: its content does not match the SHA-256 digest "
+            "stored when it was written (a damaged disk or copy); use an earlier checkpoint"
         )
     return state

@@ -20,7 +20,14 @@ def _parse_override(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise argparse.ArgumentTypeError(f"--set {text!r}: expected KEY=VALUE, e.g. train.lr=1e-3")
     key, value = text.split("=", 1)
-    return key.strip(), yaml.safe_load(value)
+    parsed = yaml.safe_load(value)
+    if isinstance(parsed, str):
+        # YAML 1.1 reads "1e-3" as a string; users mean a number.
+        try:
+            parsed = float(parsed)
+        except ValueError:
+            pass
+    return key.strip(), parsed
 
 
 def _load(args: argparse.Namespace):

@@ -26,12 +26,32 @@ def _check_iter_args(where: str, max_iter: object, tol: object) -> None:
         raise ValueError(f"{where}: tol must be a number >= 0, got {tol!r}")
 
 
-def _check_meas(where: str, meas: object) -> Measurement:
+def _check_meas(where: str, meas: object, x: Tensor | None = None) -> Measurement:
     if not isinstance(meas, Measurement):
         raise TypeError(
             f"{where}: meas must be an mri.Measurement(op, kspace), got {type(meas).__name__}"
         )
+    if x is not None:
+        check_image_fits(where, x, meas)
     return meas
+
+
+def check_image_fits(where: str, x: object, meas: Measurement) -> None:
+    """Raise unless ``x`` is a complex image of the shape the measurement's k-space implies.
+
+    The image of k-space ``(B, C, *spatial)`` is ``(B, *spatial)``. Checking here, before any
+    arithmetic, keeps broadcasting from turning a wrong shape into a confusing later error.
+    """
+    if not isinstance(x, Tensor) or not x.is_complex():
+        got = x.dtype if isinstance(x, Tensor) else type(x).__name__
+        raise TypeError(f"{where}: x must be a complex image tensor, got {got}")
+    k = meas.kspace.shape
+    expected = (k[0], *k[2:])
+    if tuple(x.shape) != expected:
+        raise ValueError(
+            f"{where}: x has shape {tuple(x.shape)}, but the measurement's k-space "
+            f"{tuple(k)} (B, C, *spatial) needs images of shape {expected}"
+        )
 
 
 def conjugate_gradient(
@@ -151,7 +171,7 @@ class GradientStepDC(nn.Module):
         Returns:
             The updated image, shaped like ``x``.
         """
-        meas = _check_meas("GradientStepDC", meas)
+        meas = _check_meas("GradientStepDC", meas, x)
         grad = meas.op.adjoint(meas.op.forward(x) - meas.kspace)
         return x + self.step_size * grad
 
@@ -210,7 +230,7 @@ class ConjugateGradientDC(nn.Module):
         Returns:
             The data-consistent image, shaped like ``z``.
         """
-        meas = _check_meas("ConjugateGradientDC", meas)
+        meas = _check_meas("ConjugateGradientDC", meas, z)
         op, mu = meas.op, self.mu
         rhs = op.adjoint(meas.kspace) + mu * z
         return conjugate_gradient(
@@ -223,7 +243,7 @@ class ConjugateGradientDC(nn.Module):
         ``z = ((A^H A + mu I) x - A^H y) / mu``: exact when the forward solve converged, so
         the error of a capped CG shows up as inversion error (MEL's stability problem).
         """
-        meas = _check_meas("ConjugateGradientDC.inverse", meas)
+        meas = _check_meas("ConjugateGradientDC.inverse", meas, x)
         op, mu = meas.op, self.mu
         return (op.normal(x) + mu * x - op.adjoint(meas.kspace)) / mu
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from mri.dc import ConjugateGradientDC, GradientStepDC
+from mri.dc import ConjugateGradientDC, GradientStepDC, _check_meas
 from mri.physics import Measurement
 
 __all__ = [
@@ -218,6 +218,11 @@ def _check_image(x: Tensor, conv_dim: int) -> None:
     if not isinstance(x, Tensor) or not x.is_complex():
         got = x.dtype if isinstance(x, Tensor) else type(x).__name__
         raise TypeError(f"x: expected a complex image, got {got}")
+    if x.dtype != torch.complex64:
+        raise TypeError(
+            f"x: the networks run in float32 and take complex64 images, got {x.dtype}; "
+            "convert with x.to(torch.complex64)"
+        )
     if x.dim() != conv_dim + 1:
         layout = "(B, H, W)" if conv_dim == 2 else "(B, D|T, H, W)"
         raise ValueError(
@@ -247,6 +252,8 @@ class MoDLBlock(nn.Module):
         self.dc = dc
 
     def forward(self, x: Tensor, meas: Measurement) -> Tensor:
+        # Check against the physics first: the denoiser would accept a wrongly shaped image.
+        _check_meas("MoDLBlock", meas, x)
         return self.dc(self.denoiser(x), meas)
 
     def inverse(self, y: Tensor, meas: Measurement) -> Tensor:

@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from mri import masks
-from mri.config import Config
+from mri.config import Config, ConfigError
 from mri.data.h5format import DataFormatError, inspect_slices, read_slices
 from mri.data.simulate import simulate_dataset
 from mri.physics import Measurement, SenseOp
@@ -118,6 +118,16 @@ class SliceDataset(Dataset):
             )
         self._bank: dict[tuple[int, tuple[int, ...]], torch.Tensor] = {}
         self._fixed: dict[str, torch.Tensor] = {}
+        for shape in sorted(set(self.shapes.values())):
+            try:
+                # One draw per shape up front: an impossible acceleration is refused before
+                # training starts, naming the config keys, not on the first batch.
+                self._draw_mask(shape, 0)
+            except ValueError as err:
+                raise ConfigError(
+                    f"data.accel: {cfg.data.accel} with data.mask={cfg.data.mask!r} cannot be "
+                    f"met on data of shape {shape}: {err}"
+                ) from err
 
     def __len__(self) -> int:
         return len(self.index)

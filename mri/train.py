@@ -162,6 +162,21 @@ def _tensorboard(out: Path, enabled: bool) -> Any:
     return SummaryWriter(str(out / "tensorboard"))
 
 
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop log rows written after ``step`` (by a run that stopped before its next checkpoint)."""
+    if not path.exists():
+        return
+    with path.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        return
+    kept = [r for r in rows if int(r["step"]) <= step]
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(kept)
+
+
 def _append_csv(path: Path, row: dict[str, Any]) -> None:
     new = not path.exists()
     with path.open("a", newline="") as f:
@@ -235,6 +250,7 @@ def train(
         step, best_step, best = state["step"], state["best_step"], state["best_val_nrmse"]
         history, skipped = list(state["history"]), state["skipped_updates"]
         _set_rng_state(state["rng"])
+        _truncate_log(out / "log.csv", step)
     else:
         import yaml
 
@@ -252,6 +268,10 @@ def train(
         x0, target, meas = batch_to_inputs(batch)
         try:
             losses = gw.train_step(x0, target, meas)
+            if (step + 1) % t.val_every == 0 or step + 1 in (end, t.iterations):
+                # P-GLEAM failures surface at the next wait; make it happen here, where they are
+                # translated, rather than inside validation or checkpointing.
+                gw.synchronize()
         except (NonFiniteLossError, StageError) as err:
             cause = err if isinstance(err, NonFiniteLossError) else err.__cause__
             if isinstance(cause, NonFiniteLossError):

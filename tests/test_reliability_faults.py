@@ -22,7 +22,7 @@ import pytest
 import torch
 
 import mri.train
-from greedywrap import NonFiniteLossError, StageError
+from greedywrap import NonFiniteLossError
 from mri.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from mri.config import load_config
 from mri.pipeline import prepare_builtin
@@ -266,31 +266,15 @@ def _corrupt(kind: str, good: bytes, path: Path) -> None:
         raise AssertionError(kind)
 
 
-_OSERROR_BUG = pytest.mark.xfail(
-    strict=True,
-    raises=OSError,
-    reason="bug: load_checkpoint lets torch's OSError (Errno 22, from the zip reader) through "
-    "for these files instead of turning it into a CheckpointError",
-)
-
-
 @pytest.mark.parametrize(
     "kind",
     [
         "cut in half",
-        pytest.param("last byte cut", marks=_OSERROR_BUG),
-        pytest.param("last 100 bytes cut", marks=_OSERROR_BUG),
-        pytest.param(
-            "empty",
-            marks=pytest.mark.xfail(
-                strict=True,
-                raises=IndexError,
-                reason="bug: torch's error for an empty file has an empty message, and "
-                "load_checkpoint's str(err).splitlines()[0] raises IndexError",
-            ),
-        ),
+        "last byte cut",
+        "last 100 bytes cut",
+        "empty",
         "random bytes",
-        pytest.param("random bytes in the zip directory", marks=_OSERROR_BUG),
+        "random bytes in the zip directory",
         "a list, not a dict",
         "a dict without format",
         "an object of a custom class",
@@ -305,18 +289,13 @@ def test_a_corrupt_checkpoint_is_a_clear_error_and_the_good_one_survives(tmp_pat
     _assert_same(load_checkpoint(good_path), _good_state())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known gap: torch.load does not verify the zip CRCs, so a flipped bit in tensor data "
-    "(disk corruption, not a crash: writes are atomic) loads without an error",
-)
 def test_a_flipped_bit_in_tensor_data_is_detected(tmp_path):
     path = tmp_path / "last.pt"
     save_checkpoint(_good_state(), path)
     data = bytearray(path.read_bytes())
     data[data.find(struct.pack("<f", 500.0))] ^= 0xFF
     path.write_bytes(bytes(data))
-    with pytest.raises(CheckpointError):
+    with pytest.raises(CheckpointError, match="SHA-256"):
         load_checkpoint(path)
 
 
@@ -400,13 +379,6 @@ def test_cli_exits_with_a_one_line_error_when_the_loss_diverges(data_root):
     assert load_checkpoint(out / "last.pt")["step"] == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=StageError,
-    reason="bug: with P-GLEAM a NaN found on a worker surfaces in validate() or state_dict() as a "
-    "StageError, outside the loop that turns it into NonFiniteLossError (the CLI then prints a "
-    "traceback)",
-)
 def test_nan_loss_with_pgleam_stops_with_nonfinite_loss_error(data_root, monkeypatch):
     cfg = load_config(
         "cpu-tiny",
