@@ -32,6 +32,7 @@ from toys import ResBlock, make_blocks, make_data
         ({"devices": ["cuda:3"]}, ValueError, r"cuda:3 does not exist"),
         ({"devices": [0]}, ValueError, r"cuda:0 does not exist"),
         ({"placement": "random", "devices": ["cpu"]}, ValueError, r"placement: got 'random'"),
+        ({"placement": "random"}, ValueError, r"placement: got 'random'"),
         ({"heads": [nn.Identity()]}, ValueError, r"heads: got a list of 1"),
         ({"heads": ["x", None]}, TypeError, r"heads: entry 0 is 'x'"),
         ({"timeout": 0}, ValueError, r"timeout: got 0"),

@@ -63,8 +63,14 @@ def test_resume_continues_exactly_as_an_uninterrupted_run(tiny_root):
     train(cfg, tiny_root / "straight", progress=False)
     train(cfg, tiny_root / "stopped", progress=False, max_steps=4)
     assert load_checkpoint(tiny_root / "stopped" / "last.pt")["step"] == 4
+    # Rows logged after the checkpoint by the stopped run must not appear twice.
+    cfg_log = tiny_root / "stopped" / "log.csv"
+    with cfg_log.open("a") as f:
+        f.write("5,0.1,0.1\n")
     result = train(cfg, tiny_root / "stopped", progress=False, resume=True)
     assert result.steps == 6
+    steps = [int(line.split(",")[0]) for line in cfg_log.read_text().splitlines()[1:]]
+    assert steps == sorted(set(steps)) and steps[-1] == 6
     for a, b in zip(
         _params(tiny_root / "straight" / "last.pt"),
         _params(tiny_root / "stopped" / "last.pt"),
@@ -93,6 +99,14 @@ def test_evaluation_scores_every_method_and_every_depth(tiny_root):
     assert json.loads((tiny_root / "evald" / "metrics.json").read_text())["num_items"] == 2
     assert (tiny_root / "evald" / "comparison.png").stat().st_size > 0
     assert (tiny_root / "evald" / "depth.png").stat().st_size > 0
+
+
+def test_cli_overrides_read_numbers_the_way_users_write_them():
+    from mri.cli import _parse_override
+
+    assert _parse_override("train.lr=1e-3") == ("train.lr", 0.001)
+    assert _parse_override("train.devices=[0, 1]") == ("train.devices", [0, 1])
+    assert _parse_override("eval.cs=tv") == ("eval.cs", "tv")
 
 
 def test_checkpoints_are_atomic_and_corruption_is_reported(tmp_path):
