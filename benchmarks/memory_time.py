@@ -124,20 +124,34 @@ def make_measurement(data: dict[str, torch.Tensor], device: torch.device) -> Mea
     return Measurement(op, op(data["target"].to(device)))
 
 
-def build_network(cfg: ProblemConfig, unrolls: int | None = None) -> nn.Sequential:
-    """The network of ``cfg`` (or with ``unrolls`` blocks), identically initialised every call."""
+def build_network(
+    cfg: ProblemConfig, unrolls: int | None = None, invertible: bool = False
+) -> nn.Sequential:
+    """The network of ``cfg`` (or with ``unrolls`` blocks), identically initialised every call.
+
+    ``invertible`` gives MoDL invertible residual denoisers (same widths and depth), which MEL
+    needs; the other methods train the plain network.
+    """
     torch.manual_seed(SEED)
     n = cfg.unrolls if unrolls is None else unrolls
     if cfg.model == "modl":
-        return MoDL(num_unrolls=n, features=cfg.features, cg_iters=cfg.cg_iters)
+        return MoDL(
+            num_unrolls=n, features=cfg.features, cg_iters=cfg.cg_iters, invertible=invertible
+        )
     return UnrolledPGD(num_unrolls=n, features=cfg.features, conv_dim=cfg.conv_dim)
 
 
 # ---------------------------------------------------------------------------- methods
 
 
-def methods(n: int, device: torch.device) -> list[tuple[str, str, dict[str, Any]]]:
-    """(key, label, GreedyWrapper keyword arguments) of every method compared at N=n."""
+def methods(
+    n: int, device: torch.device, model: str = "pgd"
+) -> list[tuple[str, str, dict[str, Any]]]:
+    """(key, label, GreedyWrapper keyword arguments) of every method compared at N=n.
+
+    MoDL also gets MEL (end-to-end by inversion, one kept block input besides the stage input),
+    the paper's memory-efficient-learning baseline; PGD's gradient step is not invertible.
+    """
     # Two workers on one CUDA device still overlap through their streams; on CPU they share
     # the cores. Either way this measures the engine, not a 2-device speed-up.
     workers = (
@@ -153,7 +167,12 @@ def methods(n: int, device: torch.device) -> list[tuple[str, str, dict[str, Any]
         ("gleam_half", f"GLEAM M={half}", {"splits": half}),
         ("gleam_ckpt", f"GLEAM M={half} + ckpt", {"splits": half, "checkpoint": True}),
         ("pgleam", f"P-GLEAM M={n}, 2 workers", {"splits": n, "devices": workers}),
-    ]
+    ] + (
+        [("mel", "MEL (inversion, 1 ckpt)",
+          {"splits": 1, "invertible": True, "inversion_checkpoints": 1})]
+        if model == "modl"
+        else []
+    )  # fmt: skip
 
 
 def make_wrapper(net: nn.Module, kwargs: dict[str, Any], device: torch.device) -> GreedyWrapper:
@@ -241,7 +260,7 @@ def time_split(gw: GreedyWrapper, x0, target, meas, device: torch.device, repeat
 
 
 def run_method(cfg, data, key, label, kwargs, device, repeats) -> dict[str, Any]:
-    net = build_network(cfg)
+    net = build_network(cfg, invertible=bool(kwargs.get("invertible")))
     gw = make_wrapper(net, kwargs, device)
     meas = make_measurement(data, device)
     x0, target = meas.zero_filled(), data["target"].to(device)
@@ -249,7 +268,8 @@ def run_method(cfg, data, key, label, kwargs, device, repeats) -> dict[str, Any]
     gw.synchronize()
     s_iter = time_steps(gw, x0, target, meas, device, repeats)
     split = (None, None)
-    if "devices" not in kwargs:  # P-GLEAM overlaps backward with forward: no clean split
+    # P-GLEAM overlaps backward with forward and MEL's backward inverts: no clean split.
+    if "devices" not in kwargs and not kwargs.get("invertible"):
         split = time_split(gw, x0, target, meas, device, repeats)
     peak = step_peak(gw, x0, target, meas, device)
     row = {
@@ -278,7 +298,8 @@ def rss_worker(spec_path: str) -> None:
     cfg = ProblemConfig(**{**spec["config"], "shape": tuple(spec["config"]["shape"])})
     data = torch.load(spec["data"])
     device = torch.device("cpu")
-    gw = make_wrapper(build_network(cfg), spec["kwargs"], device)
+    net = build_network(cfg, invertible=bool(spec["kwargs"].get("invertible")))
+    gw = make_wrapper(net, spec["kwargs"], device)
     meas = make_measurement(data, device)
     x0, target = meas.zero_filled(), data["target"]
     gw.train_step(x0, target, meas)
@@ -432,7 +453,7 @@ def main(argv: list[str] | None = None) -> int:
             data = make_data(cfg)
             rows = [
                 run_method(cfg, data, key, label, kwargs, device, repeats)
-                for key, label, kwargs in methods(cfg.unrolls, device)
+                for key, label, kwargs in methods(cfg.unrolls, device, cfg.model)
             ]
             add_ratios(rows)
             if not args.no_rss and device.type == "cpu":
