@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from greedywrap import memory
+from greedywrap.options import to_device
 
 if TYPE_CHECKING:
     from greedywrap.wrapper import GreedyWrapper
@@ -49,10 +50,8 @@ class _StepInputs:
 
     def on(self, device: torch.device) -> tuple[tuple, dict, Any]:
         if device not in self.moved:
-            from greedywrap.wrapper import _to_device
-
             a, k = self.gw.move_args(device, self.args, self.kwargs)
-            self.moved[device] = (a, k, _to_device(self.target, device, "target"))
+            self.moved[device] = (a, k, to_device(self.target, device, "target"))
         return self.moved[device]
 
 
@@ -65,15 +64,13 @@ class SequentialEngine:
     def step(
         self, x0: torch.Tensor, target: Any, args: tuple, kwargs: dict, sync: bool = True
     ) -> list[torch.Tensor]:
-        from greedywrap.wrapper import _to_device
-
         gw = self.wrapper
         inputs = _StepInputs(gw, target, args, kwargs)
         x = x0.detach()
         losses = []
         for m, stage in enumerate(gw.stages):
             a, k, tgt = inputs.on(stage.device)
-            out, loss = gw._stage_forward(m, _to_device(x, stage.device, "x0"), tgt, a, k, sync)
+            out, loss = gw._stage_forward(m, to_device(x, stage.device, "x0"), tgt, a, k, sync)
             gw._stage_update(m, loss, sync)
             losses.append(loss.detach())
             x = out.detach()
@@ -183,8 +180,6 @@ class AsyncEngine:
     def step(
         self, x0: torch.Tensor, target: Any, args: tuple, kwargs: dict, sync: bool = True
     ) -> list[torch.Tensor]:
-        from greedywrap.wrapper import _to_device
-
         if self.closed:
             raise RuntimeError("train_step: the wrapper was closed; build a new one to train")
         gw = self.wrapper
@@ -204,7 +199,7 @@ class AsyncEngine:
                     # the stream that produced x: tell the allocator so x's memory is not
                     # reused before that copy has run.
                     x.record_stream(torch.cuda.current_stream(x.device))
-                inp = _to_device(x, stage.device, "x0")
+                inp = to_device(x, stage.device, "x0")
                 if worker.stream is not None and inp.is_cuda:
                     inp.record_stream(worker.stream)
                 out, loss = gw._stage_forward(m, inp, tgt, a, k, sync)

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-import inspect
 import math
-import threading
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -14,7 +12,14 @@ from torch import nn
 
 from greedywrap import distributed as _dist
 from greedywrap import engines
-from greedywrap.inversion import InversionError, InvertedStage, check_invertible
+from greedywrap.inversion import InversionError, InvertedStage
+from greedywrap.options import (
+    build_optimizers,
+    build_schedulers,
+    check_options,
+    per_stage,
+    to_device,
+)
 from greedywrap.stages import (
     DeviceLike,
     Stage,
@@ -47,46 +52,7 @@ LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 OptimizerSpec = type[torch.optim.Optimizer] | Callable[..., torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
 
-_PRECISIONS = ("fp32", "bf16", "fp16")
 _STATE_VERSION = 1
-
-
-def _per_stage(value: Any, name: str, num_stages: int, is_single: Callable[[Any], bool]) -> list:
-    """Expand one value for all stages, or check a list of one per stage."""
-    if is_single(value):
-        return [value] * num_stages
-    if isinstance(value, (list, tuple)):
-        if len(value) != num_stages:
-            raise ValueError(
-                f"{name}: got a list of {len(value)}, but there are {num_stages} stages; give "
-                f"one {name} for all stages or a list of exactly {num_stages}"
-            )
-        return list(value)
-    raise TypeError(f"{name}: got {value!r}; expected one {name} or a list of one per stage")
-
-
-def _is_optimizer_class(obj: Any) -> bool:
-    return inspect.isclass(obj) and issubclass(obj, torch.optim.Optimizer)
-
-
-def _to_device(obj: Any, device: torch.device, path: str) -> Any:
-    """Move tensors, and objects with ``.to(device)``, inside ``obj`` to ``device``."""
-    if isinstance(obj, torch.Tensor):
-        return obj if obj.device == device else obj.to(device, non_blocking=True)
-    if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
-        return type(obj)(_to_device(v, device, f"{path}[{i}]") for i, v in enumerate(obj))
-    if isinstance(obj, dict):
-        return {k: _to_device(v, device, f"{path}[{k!r}]") for k, v in obj.items()}
-    to = getattr(obj, "to", None)
-    if callable(to) and not isinstance(obj, (str, bytes, type)):
-        try:
-            return to(device)
-        except Exception as err:  # noqa: BLE001 - re-raised with the argument named
-            raise TypeError(
-                f"{path}: cannot be moved to {device} with .to(device) "
-                f"({type(obj).__name__}: {err})"
-            ) from err
-    return obj
 
 
 class GreedyWrapper(nn.Module):
@@ -204,56 +170,12 @@ class GreedyWrapper(nn.Module):
                 f"(e.g. splits={[len(g) for g in groups[:first]] + ['...']}) or untie them"
             )
 
-        if precision not in _PRECISIONS:
-            raise ValueError(f"precision: got {precision!r}; expected one of {_PRECISIONS}")
-        if clip_grad_norm is not None and (
-            isinstance(clip_grad_norm, bool) or not isinstance(clip_grad_norm, (int, float))
-        ):
-            raise TypeError(f"clip_grad_norm: got {clip_grad_norm!r}; expected a positive number")
-        if clip_grad_norm is not None and not clip_grad_norm > 0:
-            raise ValueError(f"clip_grad_norm: got {clip_grad_norm!r}; expected a positive number")
-        if not isinstance(checkpoint, bool):
-            raise TypeError(f"checkpoint: got {checkpoint!r}; expected True or False")
-        if (
-            isinstance(grad_accumulation, bool)
-            or not isinstance(grad_accumulation, int)
-            or (grad_accumulation < 1)
-        ):
-            raise ValueError(f"grad_accumulation: got {grad_accumulation!r}; expected an int >= 1")
-        if nonfinite not in (None, "raise", "skip"):
-            raise ValueError(f"nonfinite: got {nonfinite!r}; expected None, 'raise' or 'skip'")
-        if not isinstance(invertible, bool):
-            raise TypeError(f"invertible: got {invertible!r}; expected True or False")
-        if invertible:
-            check_invertible(blocks)
-            if checkpoint:
-                raise ValueError(
-                    "checkpoint: True together with invertible=True; inversion already avoids "
-                    "storing activations, choose one"
-                )
-            if precision == "fp16":
-                raise ValueError("precision: 'fp16' is not supported with invertible=True")
-        if (
-            isinstance(inversion_checkpoints, bool)
-            or not isinstance(inversion_checkpoints, int)
-            or inversion_checkpoints < 0
-        ):
-            raise ValueError(
-                f"inversion_checkpoints: got {inversion_checkpoints!r}; expected an int >= 0"
-            )
-        if max_inversion_error is not None and not (
-            isinstance(max_inversion_error, (int, float)) and max_inversion_error > 0
-        ):
-            raise ValueError(
-                f"max_inversion_error: got {max_inversion_error!r}; expected a number > 0 or None"
-            )
-        if not (isinstance(timeout, (int, float)) and timeout > 0):
-            raise ValueError(f"timeout: got {timeout!r}; expected a positive number of seconds")
-
-        if placement not in ("round_robin", "contiguous"):
-            raise ValueError(
-                f"placement: got {placement!r}; expected 'round_robin' or 'contiguous'"
-            )
+        timeout = check_options(
+            blocks=blocks, precision=precision, clip_grad_norm=clip_grad_norm,
+            checkpoint=checkpoint, grad_accumulation=grad_accumulation, nonfinite=nonfinite,
+            invertible=invertible, inversion_checkpoints=inversion_checkpoints,
+            max_inversion_error=max_inversion_error, timeout=timeout, placement=placement,
+        )  # fmt: skip
         # Placement: one worker per entry of `devices`; None means "where the model already is".
         self._explicit_devices = devices is not None
         if devices is None:
@@ -280,7 +202,7 @@ class GreedyWrapper(nn.Module):
         head_list = (
             [None] * num_stages
             if heads is None
-            else _per_stage(heads, "heads", num_stages, lambda v: False)
+            else per_stage(heads, "heads", num_stages, lambda v: False)
         )
         for m, head in enumerate(head_list):
             if head is not None and not isinstance(head, nn.Module):
@@ -306,11 +228,10 @@ class GreedyWrapper(nn.Module):
         self.balance = balance
         self.precision = precision
         self.clip_grad_norm = clip_grad_norm
-        # threading refuses waits beyond TIMEOUT_MAX (OverflowError); longer means "no limit".
-        self.timeout = min(float(timeout), threading.TIMEOUT_MAX)
+        self.timeout = timeout
         self.checkpoint = checkpoint
 
-        losses = _per_stage(
+        losses = per_stage(
             loss if loss is not None else nn.functional.mse_loss,
             "loss",
             num_stages,
@@ -318,22 +239,10 @@ class GreedyWrapper(nn.Module):
         )
         self.losses = losses
 
-        self.optimizers = self._build_optimizers(optimizer, optimizer_kwargs)
-        sched_list = _per_stage(
-            scheduler, "scheduler", num_stages, lambda v: v is None or callable(v)
+        self.optimizers = build_optimizers(
+            optimizer, optimizer_kwargs, [self._stage_parameters(m) for m in range(num_stages)]
         )
-        self.schedulers = []
-        for m, (factory, opt) in enumerate(zip(sched_list, self.optimizers, strict=True)):
-            if factory is None or opt is None:
-                self.schedulers.append(None)
-                continue
-            sched = factory(opt)
-            if not hasattr(sched, "step") or not hasattr(sched, "state_dict"):
-                raise TypeError(
-                    f"scheduler: the factory for stage {m} returned {type(sched).__name__}, "
-                    "which has no step()/state_dict(); return a torch.optim.lr_scheduler object"
-                )
-            self.schedulers.append(sched)
+        self.schedulers = build_schedulers(scheduler, self.optimizers)
         self.scalers = [
             torch.amp.GradScaler("cuda") if precision == "fp16" and opt is not None else None
             for opt in self.optimizers
@@ -355,70 +264,6 @@ class GreedyWrapper(nn.Module):
         seen = {id(p) for p in params}
         params += [p for p in self.heads[m].parameters() if id(p) not in seen]
         return [p for p in params if p.requires_grad]
-
-    def _build_optimizers(
-        self, optimizer: Any, optimizer_kwargs: dict[str, Any] | None
-    ) -> list[torch.optim.Optimizer | None]:
-        num_stages = len(self.stages)
-        specs = _per_stage(
-            optimizer,
-            "optimizer",
-            num_stages,
-            lambda v: _is_optimizer_class(v) or (callable(v) and not isinstance(v, (list, tuple))),
-        )
-        if optimizer_kwargs is not None and not isinstance(optimizer_kwargs, dict):
-            raise TypeError(f"optimizer_kwargs: got {optimizer_kwargs!r}; expected a dict")
-        kwargs = dict(optimizer_kwargs or {})
-        if kwargs and not all(_is_optimizer_class(s) for s in specs):
-            raise ValueError(
-                "optimizer_kwargs: only used with an optimizer class; a factory "
-                "f(params) -> Optimizer sets its own arguments"
-            )
-        optimizers: list[torch.optim.Optimizer | None] = []
-        for m, spec in enumerate(specs):
-            params = self._stage_parameters(m)
-            if not params:
-                # A stage with nothing to train (e.g. fixed physics) only runs forward.
-                optimizers.append(None)
-                continue
-            if _is_optimizer_class(spec):
-                try:
-                    opt = spec(params, **kwargs)
-                except TypeError as err:
-                    valid = [
-                        n
-                        for n in inspect.signature(spec.__init__).parameters
-                        if n not in ("self", "params")
-                    ]
-                    raise TypeError(
-                        f"optimizer_kwargs: {kwargs} rejected by {spec.__name__} ({err}); "
-                        f"valid keys are {valid}"
-                    ) from err
-                except ValueError as err:  # e.g. "Invalid learning rate: -1.0"
-                    raise ValueError(
-                        f"optimizer_kwargs: {kwargs} rejected by {spec.__name__}: {err}"
-                    ) from err
-            elif callable(spec):
-                try:
-                    opt = spec(params)
-                except Exception as err:  # noqa: BLE001 - re-raised with the argument named
-                    kind = type(err) if type(err) in (TypeError, ValueError) else RuntimeError
-                    raise kind(
-                        f"optimizer: the factory for stage {m} failed "
-                        f"({type(err).__name__}: {err}); it must be f(params) -> Optimizer"
-                    ) from err
-                if not isinstance(opt, torch.optim.Optimizer):
-                    raise TypeError(
-                        f"optimizer: the factory for stage {m} returned "
-                        f"{type(opt).__name__}; it must return a torch.optim.Optimizer"
-                    )
-            else:
-                raise TypeError(
-                    f"optimizer: stage {m} got {spec!r}; expected an optimizer class or a "
-                    "factory f(params) -> Optimizer"
-                )
-            optimizers.append(opt)
-        return optimizers
 
     # ------------------------------------------------------------------ properties
 
@@ -562,8 +407,8 @@ class GreedyWrapper(nn.Module):
 
     def move_args(self, device: torch.device, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         """Move block arguments to ``device`` (tensors and objects with ``.to``)."""
-        moved_args = tuple(_to_device(a, device, f"block_args[{i}]") for i, a in enumerate(args))
-        moved_kwargs = {k: _to_device(v, device, f"block_kwargs[{k!r}]") for k, v in kwargs.items()}
+        moved_args = tuple(to_device(a, device, f"block_args[{i}]") for i, a in enumerate(args))
+        moved_kwargs = {k: to_device(v, device, f"block_kwargs[{k!r}]") for k, v in kwargs.items()}
         return moved_args, moved_kwargs
 
     # ------------------------------------------------------------------ inference
@@ -603,7 +448,7 @@ class GreedyWrapper(nn.Module):
             if stage.device not in moved:
                 moved[stage.device] = self.move_args(stage.device, block_args, block_kwargs)
             args, kwargs = moved[stage.device]
-            x = _to_device(x, stage.device, "x")
+            x = to_device(x, stage.device, "x")
             with self._autocast(stage.device):
                 x = stage(x, *args, **kwargs)
             if return_all or m == last - 1:
