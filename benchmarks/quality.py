@@ -77,6 +77,41 @@ def variant(cfg: Config, method: str, n: int, m: int, seed: int) -> Config:
     )
 
 
+def modl_config(cfg: Config) -> Config:
+    """The same data and budget with MoDL (5-layer denoisers, 10 CG iterations), as MEL needs."""
+    model = dataclasses.replace(cfg.model, type="modl", num_layers=5, cg_iters=10, mu=0.05)
+    # One kept block input per run of blocks keeps inversion errors small at N=8.
+    train_cfg = dataclasses.replace(cfg.train, mel_checkpoints=1, mel_max_error=0.05)
+    return dataclasses.replace(cfg, model=model, train=train_cfg)
+
+
+def mel_section(cfg: Config, data: Path, out: Path, seeds: list[int], log) -> dict[str, Any]:
+    """(e) MoDL trained end to end, greedily, and by inversion (MEL), one row each."""
+    mcfg = modl_config(cfg)
+    n, m = mcfg.model.num_unrolls, mcfg.train.splits
+    plan = [
+        ("modl_e2e", "MoDL end-to-end", "e2e", n, 1),
+        ("modl_gleam", f"MoDL GLEAM M={m}", "gleam", n, m),
+        ("modl_mel", "MoDL MEL (inversion)", "mel", n, 1),
+    ]
+    rows = {}
+    for key, label, method, depth, splits in plan:
+        runs = []
+        for seed in seeds:
+            res = run_one(variant(mcfg, method, depth, splits, seed), data,
+                          out / f"{key}-s{seed}", with_cs=False)  # fmt: skip
+            res.pop("baselines", None)
+            runs.append(res)
+            log(f"  {label:<24} seed {seed}: PSNR {res['psnr']:.2f} SSIM {res['ssim']:.4f} "
+                f"nRMSE {res['nrmse']:.4f}, {res['train_seconds']:.0f} s")  # fmt: skip
+        rows[key] = {
+            "label": label, "method": method, "N": depth, "M": splits,
+            **{k: summary([r[k] for r in runs]) for k in METRICS},
+            "train_seconds": summary([r["train_seconds"] for r in runs]),
+        }  # fmt: skip
+    return rows
+
+
 def footprint(cfg: Config, data: Path) -> int:
     """Bytes one training step needs: its measured peak plus parameters and Adam state."""
     torch.manual_seed(0)
@@ -176,6 +211,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default=None, help="write the results here")
     parser.add_argument("--out", default="runs/quality", help="runs and figures")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument("--mel-seeds", type=int, default=None,
+                        help="seeds of the MoDL/MEL section (default 1)")  # fmt: skip
+    parser.add_argument("--only-mel", action="store_true", help="run only the MoDL/MEL section")
     args = parser.parse_args(argv)
     # One thread by default: on a small shared CPU, OpenMP barriers across busy cores made the
     # same step several times slower from run to run, which would drown the timing column.
@@ -196,6 +234,18 @@ def main(argv: list[str] | None = None) -> int:
     log(f"config {cfg.name}: {cfg.data.shape} {cfg.data.num_coils} coils, R={cfg.data.accel:g}; "
         f"PGD N={n}, {cfg.model.features} features; {cfg.train.iterations} iterations, "
         f"lr {cfg.train.lr:g}, seeds {seeds}")  # fmt: skip
+    mel_seeds = list(range(args.mel_seeds or 1))
+    if args.only_mel:
+        log("\n## (e) MoDL: end-to-end, GLEAM and MEL (inversion); MEL's denoisers are "
+            "invertible (Lipschitz-bounded), the others plain")  # fmt: skip
+        mel_rows = mel_section(cfg, data, out, mel_seeds, log)
+        log(table(list(mel_rows.values())))
+        log(f"wall time {time.perf_counter() - wall:.0f} s")
+        if args.json:
+            Path(args.json).write_text(
+                json.dumps({"machine": machine(), "mel": mel_rows}, indent=2)
+            )
+        return 0
     log("equal memory: probing stage sizes for the deep GLEAM network")
     m_deep, probe = equal_memory_splits(cfg, data, n_deep, log)
 
@@ -259,6 +309,10 @@ def main(argv: list[str] | None = None) -> int:
             # Inside a stage only the last block has a loss, so the stage ends are the fair test.
             log(f"  at the {e['M']} stage ends only: rises at {e['stage_end_increases']} "
                 f"of {e['M'] - 1}")  # fmt: skip
+    log("\n## (e) MoDL: end-to-end, GLEAM and MEL (inversion); MEL's denoisers are "
+        "invertible (Lipschitz-bounded), the others plain")  # fmt: skip
+    mel_rows = mel_section(cfg, data, out, mel_seeds, log)
+    log(table(list(mel_rows.values())))
     figure = plot_depth(
         {methods[k]["label"]: methods[k]["depth_psnr"] for k in ("e2e", "gleam", "gleam_deep")},
         out / "depth_curves.png",
@@ -280,6 +334,7 @@ def main(argv: list[str] | None = None) -> int:
                 "M": m_deep,
             },
             "methods": methods,
+            "mel": mel_rows,
             "baselines": baselines,
             "figure": str(figure),
             "wall_seconds": seconds,

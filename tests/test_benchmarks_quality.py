@@ -66,3 +66,13 @@ def test_baselines_are_scored_on_the_same_slices(quick: tuple[dict, Path]) -> No
     assert {"zero_filled", "cs"} <= set(result["baselines"])
     for name, scores in result["baselines"].items():
         assert all(math.isfinite(scores[k]) for k in METRICS), name
+
+
+@pytest.mark.slow
+def test_mel_section_compares_modl_trained_three_ways(quick: tuple[dict, Path]) -> None:
+    result, _ = quick
+    assert set(result["mel"]) == {"modl_e2e", "modl_gleam", "modl_mel"}
+    assert result["mel"]["modl_mel"]["method"] == "mel"
+    for key, entry in result["mel"].items():
+        assert all(math.isfinite(entry[k]["mean"]) for k in METRICS), key
+        assert entry["train_seconds"]["mean"] > 0, key
