@@ -75,6 +75,7 @@ def test_exit_at_out_of_range():
             gw(x0, exit_at=bad)
 
 
+@pytest.mark.filterwarnings("ignore:Using a target size")  # mse_loss warns before it fails
 def test_target_shape_the_loss_cannot_take():
     gw = GreedyWrapper(make_blocks(2), splits=2)
     x0, _ = make_data()
