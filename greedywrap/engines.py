@@ -157,6 +157,7 @@ class AsyncEngine:
         self.workers = [_Worker(i, d) for i, d in enumerate(wrapper.devices)]
         self.pending: list[Future | None] = [None] * wrapper.num_stages
         self._events: list[Any] = [None] * wrapper.num_stages
+        self._order: list[int] = []  # stages with an update submitted, oldest first
         self.closed = False
         _LIVE_ENGINES.add(self)
 
@@ -208,9 +209,27 @@ class AsyncEngine:
                     prev_event.record(worker.stream)
             losses.append(loss.detach())
             self.pending[m] = worker.submit(lambda m=m, loss=loss: gw._stage_update(m, loss, sync))
+            if m in self._order:
+                self._order.remove(m)
+            self._order.append(m)
             x = out.detach()
             del out, loss
+            self._bound_in_flight()
         return losses
+
+    def _bound_in_flight(self) -> None:
+        """Wait for the oldest updates while more than ``max_in_flight`` are pending.
+
+        Every pending update keeps its stage's graph alive, so this bounds the memory that the
+        asynchronous engine adds over the sequential one (at the cost of some overlap).
+        """
+        limit = self.wrapper.max_in_flight
+        if limit is None:
+            self._order.clear()
+            return
+        self._order = [m for m in self._order if self.pending[m] is not None]
+        while len([m for m in self._order if not self.pending[m].done()]) > limit:
+            self._wait(self._order.pop(0))
 
     def synchronize(self) -> None:
         """Wait for every stage's pending update; raise the first failure."""

@@ -117,6 +117,10 @@ class GreedyWrapper(nn.Module):
         max_inversion_error: raise :class:`~greedywrap.inversion.InversionError` (before the
             update) when a block's relative inversion error exceeds this; the errors of the
             last step are in ``inversion_errors`` either way.
+        max_in_flight: with several device entries, at most this many stage updates may be
+            pending at once; the forward chain waits for the oldest beyond it. Each pending
+            update keeps its stage's graph alive, so this bounds P-GLEAM's extra memory
+            (``None``, the default: no bound, the most overlap).
         timeout: seconds any wait on a worker may last before it is reported as hung.
 
     Raises:
@@ -145,6 +149,7 @@ class GreedyWrapper(nn.Module):
         invertible: bool = False,
         inversion_checkpoints: int = 0,
         max_inversion_error: float | None = None,
+        max_in_flight: int | None = None,
         timeout: float = 600.0,
     ) -> None:
         super().__init__()
@@ -229,6 +234,13 @@ class GreedyWrapper(nn.Module):
         self.precision = precision
         self.clip_grad_norm = clip_grad_norm
         self.timeout = timeout
+        if max_in_flight is not None and (
+            isinstance(max_in_flight, bool)
+            or not isinstance(max_in_flight, int)
+            or max_in_flight < 1
+        ):
+            raise ValueError(f"max_in_flight: got {max_in_flight!r}; expected an int >= 1 or None")
+        self.max_in_flight = max_in_flight
         self.checkpoint = checkpoint
 
         losses = per_stage(

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from greedywrap import GreedyWrapper
+from greedywrap import GreedyWrapper, track_memory
 from greedywrap.engines import AsyncEngine, SequentialEngine, StageError
 
 from toys import assert_bitwise_equal, make_blocks, make_data, params_of
@@ -201,3 +201,48 @@ def test_arguments_are_moved_once_per_step_per_device():
     with GreedyWrapper([UsesMeas() for _ in range(4)], splits=4, devices=["cpu", "cpu"]) as gw:
         gw.train_step(torch.randn(2, 4), torch.randn(2, 4), Meas())
     assert len(moves) == 1  # both entries are the same device, "cpu"
+
+
+class _Wide(nn.Module):
+    """A block whose stored activations are large, to make pending graphs visible in memory."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(64, 64)
+
+    def forward(self, x):
+        return x + torch.tanh(self.fc(torch.relu(self.fc(x))))
+
+
+def _async_peak(max_in_flight, seed=0):
+    torch.manual_seed(seed)
+    blocks = [_Wide() for _ in range(8)]
+    x0, target = torch.randn(512, 64), torch.randn(512, 64)
+    with GreedyWrapper(blocks, splits=8, devices=["cpu", "cpu"],
+                       max_in_flight=max_in_flight) as gw:  # fmt: skip
+        losses = gw.train_step(x0, target)
+        gw.synchronize()
+        with track_memory(rss=False) as report:
+            losses = gw.train_step(x0, target)
+            gw.synchronize()
+        return report.peak_bytes["cpu"], [p.detach().clone() for p in gw.parameters()], losses
+
+
+def test_max_in_flight_bounds_pending_graphs_without_changing_the_numbers():
+    _, free_params, free_losses = _async_peak(None)
+    bounded_peak, bounded_params, bounded_losses = _async_peak(1)
+    assert_bitwise_equal(free_params, bounded_params)
+    assert_bitwise_equal(free_losses, bounded_losses)
+    torch.manual_seed(0)
+    seq = GreedyWrapper([_Wide() for _ in range(8)], splits=8)
+    x0, target = torch.randn(512, 64), torch.randn(512, 64)
+    seq.train_step(x0, target)
+    with track_memory(rss=False) as report:
+        seq.train_step(x0, target)
+    # With one update in flight, at most two stages' graphs are alive: about twice sequential.
+    assert bounded_peak <= 2.5 * report.peak_bytes["cpu"]
+
+
+def test_max_in_flight_must_be_positive():
+    with pytest.raises(ValueError, match="max_in_flight: got 0"):
+        GreedyWrapper(make_blocks(2), splits=2, devices=["cpu", "cpu"], max_in_flight=0)
