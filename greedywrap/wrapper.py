@@ -82,7 +82,9 @@ class GreedyWrapper(nn.Module):
             m mod D) unless ``placement="contiguous"``. ``None`` keeps every stage on the device
             of the model's parameters. With more than one entry, each stage's backward and
             update run on its entry's worker thread while later stages' forward goes on
-            (P-GLEAM); the numbers are the same as the sequential step.
+            (P-GLEAM); the numbers are the same as the sequential step. On a CPU with few
+            cores, ``devices=["cpu"] * D`` can be slower than one entry (the workers share
+            the cores); it pays off with one accelerator per entry.
         placement: ``"round_robin"`` (default) or ``"contiguous"``.
         optimizer: an optimizer class (with ``optimizer_kwargs``), a factory
             ``f(params) -> Optimizer``, or a list of either, one per stage. Default Adam.
