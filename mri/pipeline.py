@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from mri import masks
 from mri.config import Config, ConfigError
+from mri.data._backend import fft_ndim
 from mri.data.h5format import DataFormatError, inspect_slices, read_slices
 from mri.data.simulate import simulate_dataset
 from mri.physics import Measurement, SenseOp
@@ -169,7 +170,7 @@ class SliceDataset(Dataset):
         data = read_slices(path, j)
         kspace, maps, target = data.kspace[0], data.maps[0], data.target[0]
         mask = self.mask_for(i)
-        fft_dims = 3 if self.cfg.data.kind == "3d" else 2
+        fft_dims = fft_ndim(self.cfg.data.kind)
         kspace = kspace * mask
         op = SenseOp(maps[None], mask[None, None], fft_dims=fft_dims)
         zero_filled = op.adjoint(kspace[None])[0]

@@ -1,26 +1,17 @@
-"""Access to the FFT and coil modules of `mri`, and the SENSE helpers the data layer shares.
-
-The data layer is written against `mri.fft` and `mri.coils`; this module is the one place that
-imports them, so the rest of `mri.data` never needs to know where an FFT or a coil map comes from.
-It also holds what every part of the data layer agrees on: which dims are spatial and which are
-Fourier-transformed for each kind of data (DESIGN.md section 4).
+"""What every part of the data layer agrees on: which dims are spatial and which are
+Fourier-transformed for each kind of data (DESIGN.md section 4), and SENSE expansion and
+combination through `mri.physics.SenseOp` for data of each kind.
 """
 
 from __future__ import annotations
 
 import torch
 
-from mri.coils import birdcage_maps, estimate_maps_espirit, estimate_maps_jsense
-from mri.fft import fftc, ifftc
+from mri.physics import SenseOp
 
 __all__ = [
     "KINDS",
-    "birdcage_maps",
-    "estimate_maps_espirit",
-    "estimate_maps_jsense",
-    "fft_dims",
-    "fftc",
-    "ifftc",
+    "fft_ndim",
     "sense_combine",
     "sense_expand",
     "spatial_rank",
@@ -38,37 +29,44 @@ def spatial_rank(kind: str) -> int:
     return KINDS[kind]
 
 
-def fft_dims(kind: str) -> tuple[int, ...]:
-    """Dims the FFT runs over: all spatial dims, except time for cine (DESIGN.md section 4)."""
+def fft_ndim(kind: str) -> int:
+    """How many trailing dims the FFT runs over: all spatial dims, except time for cine."""
     spatial_rank(kind)  # validates kind
-    return (-3, -2, -1) if kind == "3d" else (-2, -1)
+    return 3 if kind == "3d" else 2
+
+
+def _sense(maps: torch.Tensor, kind: str) -> SenseOp:
+    return SenseOp(maps, fft_dims=fft_ndim(kind))
 
 
 def sense_expand(image: torch.Tensor, maps: torch.Tensor, kind: str) -> torch.Tensor:
-    """Fully sampled multi-coil k-space of an image, ``F(S x)``.
+    """Fully sampled multi-coil k-space of an image, ``F(S x)`` (``SenseOp`` without a mask).
 
     Args:
-        image: complex image ``(..., *spatial)``.
-        maps: coil maps ``(..., C, *spatial)``.
+        image: complex image ``(*spatial)`` or ``(B, *spatial)``.
+        maps: coil maps ``(C, *spatial)`` or ``(B, C, *spatial)``, matching ``image``.
         kind: ``"2d"``, ``"3d"`` or ``"cine"``; sets the spatial and FFT dims.
 
     Returns:
-        K-space ``(..., C, *spatial)``.
+        K-space ``(C, *spatial)`` or ``(B, C, *spatial)``.
     """
-    coil_dim = -spatial_rank(kind) - 1
-    return fftc(maps * image.unsqueeze(coil_dim), dims=fft_dims(kind))
+    if image.dim() == spatial_rank(kind):
+        return _sense(maps[None], kind).forward(image[None])[0]
+    return _sense(maps, kind).forward(image)
 
 
 def sense_combine(kspace: torch.Tensor, maps: torch.Tensor, kind: str) -> torch.Tensor:
     """SENSE coil combination ``sum_c conj(S_c) F^H y_c``, the adjoint of `sense_expand`.
 
     Args:
-        kspace: multi-coil k-space ``(..., C, *spatial)``, zeros where not sampled.
-        maps: coil maps, broadcastable to ``kspace``.
+        kspace: multi-coil k-space ``(C, *spatial)`` or ``(B, C, *spatial)``, zeros where not
+            sampled.
+        maps: coil maps of the same shape.
         kind: ``"2d"``, ``"3d"`` or ``"cine"``.
 
     Returns:
-        The combined image ``(..., *spatial)``.
+        The combined image ``(*spatial)`` or ``(B, *spatial)``.
     """
-    coil_dim = -spatial_rank(kind) - 1
-    return (maps.conj() * ifftc(kspace, dims=fft_dims(kind))).sum(dim=coil_dim)
+    if kspace.dim() == spatial_rank(kind) + 1:
+        return _sense(maps[None], kind).adjoint(kspace[None])[0]
+    return _sense(maps, kind).adjoint(kspace)

@@ -18,7 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from mri.data._backend import birdcage_maps, sense_expand, spatial_rank
+from mri.coils import birdcage_maps
+from mri.data._backend import sense_expand, spatial_rank
 from mri.data.h5format import DataFormatError, inspect_slices, write_slices
 from mri.data.phantoms import cine_phantom, random_phantom, smooth_phase
 
@@ -27,17 +28,12 @@ __all__ = ["GENERATOR", "GENERATOR_VERSION", "SPLITS", "simulate_dataset", "simu
 #: Provenance name of the built-in generator, and its version: bump the version whenever the
 #: generated numbers change, so that caches written by an older generator are regenerated.
 GENERATOR = "mri.data.simulate"
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 #: The folders `simulate_dataset` writes, in order.
 SPLITS = ("train", "val", "test")
 
 _DEFAULT_SHAPES = {"2d": (128, 128), "3d": (32, 64, 64), "cine": (12, 64, 64)}
 _DEFAULT_SLICES_PER_FILE = {"2d": 4, "3d": 1, "cine": 1}
-
-
-def _unit_rss(maps: torch.Tensor) -> torch.Tensor:
-    rss = maps.abs().square().sum(0, keepdim=True).sqrt()
-    return torch.where(rss > 0, maps / rss.clamp_min(1e-12), torch.zeros_like(maps))
 
 
 def coil_maps(spatial_shape: tuple[int, ...], num_coils: int, kind: str) -> torch.Tensor:
@@ -60,7 +56,7 @@ def coil_maps(spatial_shape: tuple[int, ...], num_coils: int, kind: str) -> torc
         maps = maps.unsqueeze(1).expand(-1, spatial_shape[0], -1, -1)
     else:
         maps = birdcage_maps(tuple(spatial_shape), num_coils)
-    return _unit_rss(maps.to(torch.complex64)).contiguous()
+    return maps.contiguous()  # birdcage_maps already has unit root-sum-of-squares
 
 
 def simulate_multicoil(

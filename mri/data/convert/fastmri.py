@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from mri.data._backend import estimate_maps_espirit, fftc, ifftc
+from mri.coils import estimate_maps_espirit
 from mri.data.convert._common import (
     _check_calib,
     _check_kwargs,
@@ -21,6 +21,7 @@ from mri.data.convert._common import (
 )
 from mri.data.fastmri import read_fastmri
 from mri.data.h5format import DataFormatError, _open, write_slices
+from mri.fft import fftc, ifftc
 
 _ESPIRIT_KEYS = ("thresh", "crop", "kernel_width", "max_iter")
 

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from mri.data._backend import estimate_maps_jsense, ifftc
+from mri.coils import estimate_maps_jsense
 from mri.data.convert._common import (
     _check_calib,
     _check_kwargs,
@@ -28,6 +28,7 @@ from mri.data.convert._common import (
     _stem,
 )
 from mri.data.h5format import DataFormatError, _open, write_slices
+from mri.fft import ifftc
 
 _JSENSE_KEYS = ("mps_ker_width", "lamda", "max_iter", "max_inner_iter")
 #: Acquisition records read per HDF5 call (a 3D FSE knee readout of 8 coils is 20 KiB).
