@@ -156,7 +156,6 @@ class AsyncEngine:
         self.wrapper = wrapper
         self.workers = [_Worker(i, d) for i, d in enumerate(wrapper.devices)]
         self.pending: list[Future | None] = [None] * wrapper.num_stages
-        self._events: list[Any] = [None] * wrapper.num_stages
         self._order: list[int] = []  # stages with an update submitted, oldest first
         self.closed = False
         _LIVE_ENGINES.add(self)

@@ -121,6 +121,23 @@ def check_options(
     return min(float(timeout), threading.TIMEOUT_MAX)
 
 
+def _check_hyperparameter_types(cls: type, kwargs: dict[str, Any]) -> None:
+    """Refuse True/False where the optimizer's default is a number.
+
+    Optimizers accept ``weight_decay=True`` at construction and fail later inside ``step()``
+    with an error that names nothing; a bool is never a meaningful number here.
+    """
+    defaults = inspect.signature(cls.__init__).parameters
+    for key, value in kwargs.items():
+        default = defaults[key].default if key in defaults else None
+        numeric = isinstance(default, (int, float)) and not isinstance(default, bool)
+        if numeric and isinstance(value, bool):
+            raise TypeError(
+                f"optimizer_kwargs: {key}={value!r} for {cls.__name__}; expected a number "
+                f"(default {default!r})"
+            )
+
+
 def build_optimizers(
     optimizer: Any, optimizer_kwargs: dict[str, Any] | None, stage_params: list[list[nn.Parameter]]
 ) -> list[torch.optim.Optimizer | None]:
@@ -148,6 +165,7 @@ def build_optimizers(
             optimizers.append(None)
             continue
         if is_optimizer_class(spec):
+            _check_hyperparameter_types(spec, kwargs)
             try:
                 opt = spec(params, **kwargs)
             except TypeError as err:

@@ -69,7 +69,7 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     fn = {"mridata": convert.convert_mridata, "fastmri": convert.convert_fastmri,
           "nifti": convert.convert_nifti}[args.format]  # fmt: skip
     written = fn(args.src, args.out)
-    print(f"wrote {len(written) if hasattr(written, '__len__') else written} file(s) to {args.out}")
+    print(f"wrote {len(written)} file(s) to {args.out}")
     return 0
 
 

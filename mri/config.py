@@ -33,7 +33,6 @@ __all__ = [
 ]
 
 CONFIG_DIR = Path(__file__).parent / "configs"
-METHODS = ("e2e", "checkpoint", "gleam", "pgleam", "mel")
 
 
 class ConfigError(ValueError):

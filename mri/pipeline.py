@@ -86,7 +86,8 @@ class SliceDataset(Dataset):
 
     Each item is a dict: ``kspace`` (C, *spatial) undersampled, ``maps`` (C, *spatial),
     ``mask`` (broadcastable to *spatial), ``target`` (*spatial), ``scale`` (the normalisation
-    divisor), ``fft_dims`` (2 or 3), ``fname`` and ``slice``.
+    divisor), ``zero_filled`` (``A^H y``, normalised), ``fft_dims`` (2 or 3), ``fname`` and
+    ``slice``.
 
     Raises:
         DataFormatError: the folder is missing, holds no h5 files, or a file is invalid.
@@ -121,9 +122,9 @@ class SliceDataset(Dataset):
         self._fixed: dict[str, torch.Tensor] = {}
         for shape in sorted(set(self.shapes.values())):
             try:
-                # One draw per shape up front: an impossible acceleration is refused before
-                # training starts, naming the config keys, not on the first batch.
-                self._draw_mask(shape, 0)
+                # One draw per shape up front (kept: it is the first training mask), so an
+                # impossible acceleration is refused before training starts, naming the keys.
+                self._bank_mask(0, shape)
             except ValueError as err:
                 raise ConfigError(
                     f"data.accel: {cfg.data.accel} with data.mask={cfg.data.mask!r} cannot be "
@@ -151,16 +152,19 @@ class SliceDataset(Dataset):
         # 3D volumes: the first axis is the readout, always fully sampled.
         return m if len(spatial) == 2 else m.unsqueeze(0)
 
+    def _bank_mask(self, k: int, spatial: tuple[int, ...]) -> torch.Tensor:
+        if (k, spatial) not in self._bank:
+            seed = _stable_seed("bank", self.seed, k, list(spatial))
+            self._bank[(k, spatial)] = self._draw_mask(spatial, seed)
+        return self._bank[(k, spatial)]
+
     def mask_for(self, i: int) -> torch.Tensor:
         """The mask of item ``i`` in the current epoch."""
         path, j = self.index[i]
         spatial = self.shapes[path]
         if self.train:
-            k = _stable_seed("pick", self.seed, self.epoch, i) % MASK_BANK_SIZE
-            if (k, spatial) not in self._bank:
-                seed = _stable_seed("bank", self.seed, k, list(spatial))
-                self._bank[(k, spatial)] = self._draw_mask(spatial, seed)
-            return self._bank[(k, spatial)]
+            return self._bank_mask(_stable_seed("pick", self.seed, self.epoch, i) % MASK_BANK_SIZE,
+                                   spatial)  # fmt: skip
         if path.name not in self._fixed:
             self._fixed[path.name] = self._draw_mask(spatial, _stable_seed("file", path.name))
         return self._fixed[path.name]
@@ -182,6 +186,7 @@ class SliceDataset(Dataset):
             "maps": maps,
             "mask": mask,
             "target": target / scale,
+            "zero_filled": zero_filled / scale,
             "scale": torch.tensor(scale),
             "fft_dims": fft_dims,
             "fname": path.name,
@@ -273,11 +278,12 @@ def make_loader(
 def batch_to_inputs(batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, Measurement]:
     """Turn a batch into what an unrolled network takes: ``(x0, target, meas)``.
 
-    ``x0`` is the zero-filled SENSE reconstruction ``A^H y``; ``meas`` bundles the operator and
+    ``x0`` is the zero-filled SENSE reconstruction ``A^H y``, already computed by the dataset for
+    its normalisation (so not again on the training thread); ``meas`` bundles the operator and
     the measured k-space, as every block's second argument.
     """
     fft_dims = int(batch["fft_dims"][0])
     mask = batch["mask"].unsqueeze(1)  # (B, 1, ...) broadcasts over coils
     op = SenseOp(batch["maps"], mask, fft_dims=fft_dims)
     meas = Measurement(op, batch["kspace"])
-    return meas.zero_filled(), batch["target"], meas
+    return batch["zero_filled"], batch["target"], meas

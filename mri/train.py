@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -121,8 +122,7 @@ def validate(gw: GreedyWrapper, loader: Any, max_batches: int | None = None) -> 
         if max_batches is not None and i >= max_batches:
             break
         x0, target, meas = batch_to_inputs(batch)
-        device = gw.stage_devices[0]
-        pred = gw(x0.to(device), meas.to(device)).to(target.device)
+        pred = gw(x0, meas).to(target.device)  # the wrapper moves inputs to each stage
         sums["psnr"] += float(metrics.psnr(pred, target).sum())
         sums["ssim"] += float(metrics.ssim(pred, target).sum())
         sums["nrmse"] += float(metrics.nrmse(pred, target).sum())
@@ -252,8 +252,6 @@ def train(
         _set_rng_state(state["rng"])
         _truncate_log(out / "log.csv", step)
     else:
-        import yaml
-
         (out / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
         for stale in (out / "log.csv", out / "history.json"):
             stale.unlink(missing_ok=True)

@@ -337,3 +337,9 @@ def test_an_acceleration_the_data_cannot_meet_is_refused_before_training_naming_
     root = prepare_builtin(cfg, tmp_path)
     with pytest.raises(ConfigError, match=r"data.accel: 100.0 .*cannot be met.*calib"):
         make_loader(root, "train", cfg, shuffle=True)
+
+
+def test_a_bool_where_an_optimizer_expects_a_number_is_refused_naming_it():
+    # Found by the fuzz: Adam accepts weight_decay=True and fails inside step() without a name.
+    with pytest.raises(TypeError, match=r"optimizer_kwargs: weight_decay=True for Adam"):
+        GreedyWrapper(make_blocks(2, width=WIDTH), optimizer_kwargs={"weight_decay": True})
