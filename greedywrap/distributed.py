@@ -5,19 +5,18 @@ every rank builds the same stages and each stage is wrapped in its own DDP with 
 group. Separate groups matter for P-GLEAM: stage updates run on different worker threads, and
 collectives of different stages must never interleave on one group, where their order could
 differ between ranks and deadlock. Within a stage the order is fixed (one backward per step).
+Each stage's DDP wrapper and group belong to its ``StageTrainer`` (``greedywrap.trainer``);
+``GreedyWrapper.close()`` releases them and destroys the groups, so call it before
+``torch.distributed.destroy_process_group()``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
-import torch
 import torch.distributed as dist
-from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
-__all__ = ["is_distributed", "wrap_stage_units", "from_accelerator"]
+__all__ = ["is_distributed", "use_distributed", "from_accelerator"]
 
 
 def is_distributed() -> bool:
@@ -37,31 +36,6 @@ def use_distributed(requested: bool | None) -> bool:
             "(or accelerate launch) and call torch.distributed.init_process_group() first"
         )
     return requested
-
-
-def wrap_stage_units(
-    units: Sequence[nn.Module], devices: Sequence[torch.device]
-) -> list[nn.Module]:
-    """Wrap each stage unit in DDP with a process group of its own, in stage order.
-
-    Every rank must call this with the same number of stages, in the same order (group creation
-    is a collective). DDP broadcasts rank 0's parameters, so every rank starts identical.
-    """
-    wrapped = []
-    for unit, device in zip(units, devices, strict=True):
-        group = dist.new_group(ranks=list(range(dist.get_world_size())))
-        has_params = any(p.requires_grad for p in unit.parameters())
-        if not has_params:
-            wrapped.append(unit)  # DDP refuses modules without trainable parameters
-            continue
-        wrapped.append(
-            DistributedDataParallel(
-                unit,
-                device_ids=[device.index] if device.type == "cuda" else None,
-                process_group=group,
-            )
-        )
-    return wrapped
 
 
 def from_accelerator(model: Any, accelerator: Any, **kwargs: Any) -> Any:

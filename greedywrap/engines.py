@@ -11,21 +11,22 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import functools
 import queue
 import threading
+import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from greedywrap import memory
-from greedywrap.options import to_device
-
-if TYPE_CHECKING:
-    from greedywrap.wrapper import GreedyWrapper
+from greedywrap.options import move_args, to_device
+from greedywrap.stages import detach_state
+from greedywrap.trainer import StageTrainer
 
 __all__ = ["StageError", "SequentialEngine", "AsyncEngine", "make_engine"]
 
@@ -44,52 +45,66 @@ class StageError(RuntimeError):
 class _StepInputs:
     """Block arguments and target moved to each device at most once per step."""
 
-    def __init__(self, gw: GreedyWrapper, target: Any, args: tuple, kwargs: dict) -> None:
-        self.gw, self.target, self.args, self.kwargs = gw, target, args, kwargs
+    def __init__(self, target: Any, args: tuple, kwargs: dict) -> None:
+        self.target, self.args, self.kwargs = target, args, kwargs
         self.moved: dict[torch.device, tuple[tuple, dict, Any]] = {}
 
     def on(self, device: torch.device) -> tuple[tuple, dict, Any]:
         if device not in self.moved:
-            a, k = self.gw.move_args(device, self.args, self.kwargs)
+            a, k = move_args(device, self.args, self.kwargs)
             self.moved[device] = (a, k, to_device(self.target, device, "target"))
         return self.moved[device]
+
+
+def _fresh_loss(loss: torch.Tensor) -> torch.Tensor:
+    # Some losses (mse_loss on CPU) return a 0-dim view of their whole elementwise buffer; a
+    # clone keeps one number alive instead of an activation-sized buffer per stage.
+    return loss.detach().clone()
 
 
 class SequentialEngine:
     """Stage after stage on the calling thread: forward, local loss, backward, update."""
 
-    def __init__(self, wrapper: GreedyWrapper) -> None:
-        self.wrapper = wrapper
+    def __init__(self, stages: Sequence[StageTrainer]) -> None:
+        self.stages = list(stages)
 
     def step(
-        self, x0: torch.Tensor, target: Any, args: tuple, kwargs: dict, sync: bool = True
+        self, x0: Any, target: Any, args: tuple, kwargs: dict, sync: bool, step: int
     ) -> list[torch.Tensor]:
-        gw = self.wrapper
-        inputs = _StepInputs(gw, target, args, kwargs)
-        x = x0.detach()
+        inputs = _StepInputs(target, args, kwargs)
+        x = detach_state(x0)
         losses = []
-        for m, stage in enumerate(gw.stages):
-            a, k, tgt = inputs.on(stage.device)
-            out, loss = gw._stage_forward(m, to_device(x, stage.device, "x0"), tgt, a, k, sync)
-            gw._stage_update(m, loss, sync)
-            losses.append(loss.detach())
-            x = out.detach()
+        for st in self.stages:
+            a, k, tgt = inputs.on(st.device)
+            out, loss = st.forward(to_device(x, st.device, "x0"), tgt, a, k, sync)
+            st.update(loss, sync, step)
+            losses.append(_fresh_loss(loss))
+            x = detach_state(out)
             # Dropping the last references frees this stage's graph before the next stage runs.
             del out, loss
         return losses
 
-    def synchronize(self) -> None:
+    def synchronize(self, timeout: float | None = None) -> None:
         """Nothing runs in the background."""
 
-    def close(self) -> None:
+    def close(self, timeout: float | None = None) -> None:
         """Nothing to stop."""
+
+
+_ON_WORKER = threading.local()
+
+
+def on_worker_thread() -> bool:
+    """True inside a job of a P-GLEAM worker (where waiting for workers would deadlock)."""
+    return getattr(_ON_WORKER, "active", False)
 
 
 class _Worker:
     """A daemon thread that runs jobs in order; one per device entry.
 
     A daemon thread (rather than a ThreadPoolExecutor, whose threads are joined at exit) so that
-    a hung job can never keep the interpreter from exiting.
+    a hung job can never keep the interpreter from exiting. It refers to nothing but its queue
+    and device: a job keeps its stage alive only while it runs.
     """
 
     def __init__(self, index: int, device: torch.device) -> None:
@@ -98,7 +113,10 @@ class _Worker:
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(
-            target=self._run, name=f"greedywrap-worker-{index}-{device}", daemon=True
+            target=_run_jobs,
+            args=(self._jobs, self.stream),
+            name=f"greedywrap-worker-{index}-{device}",
+            daemon=True,
         )
         self._thread.start()
 
@@ -112,35 +130,53 @@ class _Worker:
         self._jobs.put((fn, fut))
         return fut
 
-    def _run(self) -> None:
-        while True:
-            item = self._jobs.get()
-            if item is None:
-                return
-            fn, fut = item
-            if not fut.set_running_or_notify_cancel():
-                continue
+    def request_stop(self) -> None:
+        self._jobs.put(None)
+
+    def stop(self, timeout: float) -> bool:
+        self.request_stop()
+        self._thread.join(max(timeout, 0.0))
+        return not self._thread.is_alive()
+
+
+def _run_jobs(jobs: queue.SimpleQueue, stream: Any) -> None:
+    _ON_WORKER.active = True
+    while True:
+        item = jobs.get()
+        if item is None:
+            return
+        fn, fut = item
+        del item
+        if fut.set_running_or_notify_cancel():
             try:
-                with memory.worker_scope(), self.stream_context():
+                ctx = torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
+                with memory.worker_scope(), ctx:
                     fn()
             except BaseException as err:  # noqa: BLE001 - handed to the caller via the future
                 fut.set_exception(err)
             else:
                 fut.set_result(None)
-
-    def stop(self, timeout: float) -> bool:
-        self._jobs.put(None)
-        self._thread.join(timeout)
-        return not self._thread.is_alive()
+        # An idle worker must not keep the last job (and through it a stage) alive.
+        del fn, fut
 
 
 _LIVE_ENGINES: weakref.WeakSet = weakref.WeakSet()
+_EXIT_GRACE_S = 5.0
 
 
 @atexit.register
 def _close_all_engines() -> None:
+    # One grace period for all engines together: a hung worker must not hold the exit for
+    # `timeout` per stage (worker threads are daemons and are abandoned after it).
+    deadline = time.monotonic() + _EXIT_GRACE_S
     for engine in list(_LIVE_ENGINES):
-        engine.close(timeout=5.0)
+        with contextlib.suppress(Exception):
+            engine.close(timeout=max(deadline - time.monotonic(), 0.0))
+
+
+def _stop_workers(workers: list[_Worker]) -> None:
+    for worker in workers:
+        worker.request_stop()
 
 
 class AsyncEngine:
@@ -149,72 +185,107 @@ class AsyncEngine:
     Stage m's forward at step k+1 waits (at most ``timeout`` seconds) for its own update of step
     k; no other wait happens in the step, so ``train_step`` can return while the last stages
     still update. :meth:`synchronize` waits for everything (the wrapper calls it before
-    inference, ``state_dict`` and moves).
+    every read or write of its weights).
+
+    The engine sees only the stages (never the wrapper); jobs are bound methods of a stage, so
+    a dropped wrapper is collected and its workers stopped (a finalizer asks them to end).
     """
 
-    def __init__(self, wrapper: GreedyWrapper) -> None:
-        self.wrapper = wrapper
-        self.workers = [_Worker(i, d) for i, d in enumerate(wrapper.devices)]
-        self.pending: list[Future | None] = [None] * wrapper.num_stages
+    def __init__(
+        self,
+        stages: Sequence[StageTrainer],
+        devices: Sequence[torch.device],
+        stage_entry: Sequence[int],
+        timeout: float,
+        max_in_flight: int | None,
+    ) -> None:
+        self.stages = list(stages)
+        self.stage_entry = list(stage_entry)
+        self.timeout = timeout
+        self.max_in_flight = max_in_flight
+        self.workers = [_Worker(i, d) for i, d in enumerate(devices)]
+        self.pending: list[Future | None] = [None] * len(self.stages)
         self._order: list[int] = []  # stages with an update submitted, oldest first
         self.closed = False
+        self._finalizer = weakref.finalize(self, _stop_workers, list(self.workers))
         _LIVE_ENGINES.add(self)
 
-    def _wait(self, m: int) -> None:
+    def _wait(self, m: int, timeout: float | None = None) -> None:
         fut = self.pending[m]
         if fut is None:
             return
-        gw = self.wrapper
+        limit = self.timeout if timeout is None else timeout
         try:
-            fut.result(timeout=gw.timeout)
+            fut.result(timeout=limit)
         except FutureTimeout:
+            # The update may still land: it stays pending, so nothing races it.
             raise TimeoutError(
-                f"stage {m}: its backward/update did not finish within timeout={gw.timeout}s; "
+                f"stage {m}: its backward/update did not finish within timeout={limit}s; "
                 "the worker may be hung (raise GreedyWrapper(timeout=...) for slow stages)"
             ) from None
         except BaseException as err:
-            self.pending[m] = None
-            raise StageError(m, gw.stages[m].device, err) from err
+            if fut.done() and not fut.cancelled() and fut.exception(0) is err:
+                self.pending[m] = None
+                raise StageError(m, self.stages[m].device, err) from err
+            # Raised in the caller while waiting (Ctrl-C): unchanged, and the update is kept
+            # pending so that the next forward of this stage still waits for it.
+            raise
         self.pending[m] = None
 
     def step(
-        self, x0: torch.Tensor, target: Any, args: tuple, kwargs: dict, sync: bool = True
+        self, x0: Any, target: Any, args: tuple, kwargs: dict, sync: bool, step: int
     ) -> list[torch.Tensor]:
         if self.closed:
             raise RuntimeError("train_step: the wrapper was closed; build a new one to train")
-        gw = self.wrapper
-        inputs = _StepInputs(gw, target, args, kwargs)
-        x = x0.detach()
+        inputs = _StepInputs(target, args, kwargs)
+        x = detach_state(x0)
         prev_event = None
+        if isinstance(x0, torch.Tensor) and x0.is_cuda:
+            # Stage 0 reads what the caller's stream produced (x0, target, block arguments).
+            prev_event = torch.cuda.Event()
+            prev_event.record(torch.cuda.current_stream(x0.device))
         losses = []
-        for m, stage in enumerate(gw.stages):
-            worker = self.workers[gw.stage_entry[m]]
+        used_streams = []
+        for m, st in enumerate(self.stages):
+            worker = self.workers[self.stage_entry[m]]
             self._wait(m)
             with worker.stream_context():
-                if worker.stream is not None and prev_event is not None:
-                    worker.stream.wait_event(prev_event)
-                a, k, tgt = inputs.on(stage.device)
-                if x.is_cuda and x.device != stage.device:
-                    # A cross-device copy runs on the source device's current stream, not on
-                    # the stream that produced x: tell the allocator so x's memory is not
-                    # reused before that copy has run.
-                    x.record_stream(torch.cuda.current_stream(x.device))
-                inp = to_device(x, stage.device, "x0")
-                if worker.stream is not None and inp.is_cuda:
-                    inp.record_stream(worker.stream)
-                out, loss = gw._stage_forward(m, inp, tgt, a, k, sync)
+                if worker.stream is not None:
+                    worker.stream.wait_stream(torch.cuda.current_stream(worker.device))
+                    if prev_event is not None:
+                        worker.stream.wait_event(prev_event)
+                    used_streams.append(worker.stream)
+                a, k, tgt = inputs.on(st.device)
+                inp = self._to_stage(x, st.device, worker)
+                out, loss = st.forward(inp, tgt, a, k, sync)
                 if worker.stream is not None:
                     prev_event = torch.cuda.Event()
                     prev_event.record(worker.stream)
-            losses.append(loss.detach())
-            self.pending[m] = worker.submit(lambda m=m, loss=loss: gw._stage_update(m, loss, sync))
+            losses.append(_fresh_loss(loss))
+            # A bound method of the stage and the step number taken now, not at run time.
+            self.pending[m] = worker.submit(functools.partial(st.update, loss, sync, step))
             if m in self._order:
                 self._order.remove(m)
             self._order.append(m)
-            x = out.detach()
+            x = detach_state(out)
             del out, loss
             self._bound_in_flight()
+        for stream in used_streams:
+            # The returned losses were computed on worker streams: order the caller after them.
+            torch.cuda.current_stream(stream.device).wait_stream(stream)
         return losses
+
+    @staticmethod
+    def _to_stage(x: Any, device: torch.device, worker: _Worker) -> Any:
+        if isinstance(x, torch.Tensor) and x.is_cuda and x.device != device:
+            # A cross-device copy runs on the source device's current stream, not on the
+            # stream that produced x: tell the allocator so x's memory is not reused before
+            # that copy has run.
+            x.record_stream(torch.cuda.current_stream(x.device))
+        inp = to_device(x, device, "x0")
+        if worker.stream is not None and isinstance(inp, torch.Tensor) and inp.is_cuda:
+            inp.record_stream(worker.stream)
+        return inp
 
     def _bound_in_flight(self) -> None:
         """Wait for the oldest updates while more than ``max_in_flight`` are pending.
@@ -222,7 +293,7 @@ class AsyncEngine:
         Every pending update keeps its stage's graph alive, so this bounds the memory that the
         asynchronous engine adds over the sequential one (at the cost of some overlap).
         """
-        limit = self.wrapper.max_in_flight
+        limit = self.max_in_flight
         if limit is None:
             self._order.clear()
             return
@@ -230,33 +301,57 @@ class AsyncEngine:
         while len([m for m in self._order if not self.pending[m].done()]) > limit:
             self._wait(self._order.pop(0))
 
-    def synchronize(self) -> None:
-        """Wait for every stage's pending update; raise the first failure."""
+    def synchronize(self, timeout: float | None = None) -> None:
+        """Wait for every stage's pending update and the workers' kernels; raise the first failure.
+
+        ``timeout`` bounds the whole wait (default: ``timeout`` of the wrapper per stage).
+        """
+        if on_worker_thread():
+            return  # called from inside a job (e.g. a hook): waiting for itself would deadlock
+        deadline = None if timeout is None else time.monotonic() + timeout
         first: BaseException | None = None
         for m in range(len(self.pending)):
+            left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
             try:
-                self._wait(m)
+                self._wait(m, left)
+            except (KeyboardInterrupt, SystemExit):
+                raise
             except BaseException as err:  # noqa: BLE001 - every stage is waited for first
                 first = first or err
         if first is not None:
             raise first
+        for worker in self.workers:
+            if worker.stream is not None:
+                worker.stream.synchronize()
 
     def close(self, timeout: float | None = None) -> None:
-        """Wait for pending updates, then stop the workers. Safe to call twice."""
+        """Wait for pending updates, then stop the workers. Safe to call twice.
+
+        ``timeout`` bounds the whole close (waits and joins together); by default each wait
+        may last the wrapper's ``timeout``.
+        """
         if self.closed:
             return
         self.closed = True
+        deadline = None if timeout is None else time.monotonic() + timeout
         try:
-            self.synchronize()
+            self.synchronize(timeout)
         finally:
-            limit = self.wrapper.timeout if timeout is None else timeout
             for worker in self.workers:
-                worker.stop(limit)
+                left = self.timeout if deadline is None else deadline - time.monotonic()
+                worker.stop(left)
+            self._finalizer.detach()
             _LIVE_ENGINES.discard(self)
 
 
-def make_engine(wrapper: GreedyWrapper) -> SequentialEngine | AsyncEngine:
+def make_engine(
+    stages: Sequence[StageTrainer],
+    devices: Sequence[torch.device],
+    stage_entry: Sequence[int],
+    timeout: float,
+    max_in_flight: int | None,
+) -> SequentialEngine | AsyncEngine:
     """Sequential for one device entry, asynchronous (one worker per entry) for several."""
-    if len(wrapper.devices) > 1:
-        return AsyncEngine(wrapper)
-    return SequentialEngine(wrapper)
+    if len(devices) > 1:
+        return AsyncEngine(stages, devices, stage_entry, timeout, max_in_flight)
+    return SequentialEngine(stages)

@@ -37,7 +37,11 @@ def is_optimizer_class(obj: Any) -> bool:
 def to_device(obj: Any, device: torch.device, path: str) -> Any:
     """Move tensors, and objects with ``.to(device)``, inside ``obj`` to ``device``."""
     if isinstance(obj, torch.Tensor):
-        return obj if obj.device == device else obj.to(device, non_blocking=True)
+        if obj.device == device:
+            return obj
+        # Copies to a GPU may overlap (the GPU's stream orders them before their readers); a
+        # copy to the host must be complete before the host reads it, so it blocks.
+        return obj.to(device, non_blocking=device.type == "cuda")
     if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
         return type(obj)(to_device(v, device, f"{path}[{i}]") for i, v in enumerate(obj))
     if isinstance(obj, dict):
@@ -52,6 +56,13 @@ def to_device(obj: Any, device: torch.device, path: str) -> Any:
                 f"({type(obj).__name__}: {err})"
             ) from err
     return obj
+
+
+def move_args(device: torch.device, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Move block arguments to ``device`` (tensors and objects with ``.to``)."""
+    moved_args = tuple(to_device(a, device, f"block_args[{i}]") for i, a in enumerate(args))
+    moved_kwargs = {k: to_device(v, device, f"block_kwargs[{k!r}]") for k, v in kwargs.items()}
+    return moved_args, moved_kwargs
 
 
 def check_options(
@@ -143,6 +154,15 @@ def build_optimizers(
 ) -> list[torch.optim.Optimizer | None]:
     """One optimizer per stage (``None`` for a stage with nothing to train)."""
     num_stages = len(stage_params)
+    for i, spec in enumerate(optimizer if isinstance(optimizer, (list, tuple)) else [optimizer]):
+        if isinstance(spec, torch.optim.Optimizer):
+            where = f" (entry {i})" if isinstance(optimizer, (list, tuple)) else ""
+            raise TypeError(
+                f"optimizer: got an instance of {type(spec).__name__}{where}; every stage needs "
+                f"an optimizer of its own, so pass the class, e.g. "
+                f"optimizer=torch.optim.{type(spec).__name__}, optimizer_kwargs={{...}} "
+                "(or a factory f(params) -> Optimizer)"
+            )
     specs = per_stage(
         optimizer,
         "optimizer",
@@ -198,8 +218,8 @@ def build_optimizers(
                 )
         else:
             raise TypeError(
-                f"optimizer: stage {m} got {spec!r}; expected an optimizer class or a "
-                "factory f(params) -> Optimizer"
+                f"optimizer: stage {m} got a {type(spec).__name__}; expected an optimizer "
+                "class or a factory f(params) -> Optimizer"
             )
         optimizers.append(opt)
     return optimizers

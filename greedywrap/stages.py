@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils import _pytree as pytree
 from torch.utils.checkpoint import checkpoint as _checkpoint
+
+from greedywrap.replay import checkpoint_contexts
 
 DeviceLike = int | str | torch.device
 
@@ -241,6 +245,7 @@ class Stage(nn.Module):
         index: the stage's position (0-based).
         device: where the stage's parameters live.
         checkpoint: recompute each block's activations during backward instead of storing them.
+        first_block: the model index of the stage's first block (for error messages).
     """
 
     def __init__(
@@ -249,35 +254,50 @@ class Stage(nn.Module):
         index: int,
         device: torch.device,
         checkpoint: bool = False,
+        first_block: int = 0,
     ) -> None:
         super().__init__()
         self.blocks = nn.ModuleList(blocks)
         self.index = index
         self.device = device
         self.checkpoint = checkpoint
+        self.first_block = first_block
 
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        for block in self.blocks:
+    def forward(self, x: Any, *args: Any, **kwargs: Any) -> Any:
+        for j, block in enumerate(self.blocks):
             if self.checkpoint and torch.is_grad_enabled():
-                x = _checkpoint(block, x, *args, use_reentrant=False, **kwargs)
+                # The random numbers are replayed from a private generator in recomputation,
+                # so a worker's backward never touches the caller's global generator.
+                x = _checkpoint(
+                    block, x, *args, use_reentrant=False, preserve_rng_state=False,
+                    context_fn=functools.partial(checkpoint_contexts, self.device), **kwargs,
+                )  # fmt: skip
             else:
                 x = block(x, *args, **kwargs)
+            check_carriable(x, self.first_block + j)
         return x
 
     def extra_repr(self) -> str:
         return f"index={self.index}, device={self.device}, checkpoint={self.checkpoint}"
 
 
-def find_shared_parameters(groups: Sequence[Sequence[nn.Module]]) -> list[tuple[str, int, int]]:
-    """Find parameters that appear in more than one group of modules.
+def find_shared_parameters(
+    groups: Sequence[Sequence[nn.Module]], heads: Sequence[nn.Module | None] | None = None
+) -> list[tuple[str, int, int]]:
+    """Find parameters that appear in more than one group of modules (heads included).
 
-    Returns ``(parameter name in its first group, first group, other group)`` for each one.
+    ``heads[g]``, if given, counts as part of group ``g``. Returns ``(parameter name in its
+    first group, first group, other group)`` for each one.
     """
     owner: dict[int, tuple[int, str]] = {}
     shared = []
     for g, modules in enumerate(groups):
         seen_here: set[int] = set()
-        for b, module in enumerate(modules):
+        labelled = [(f"block {b}", module) for b, module in enumerate(modules)]
+        head = heads[g] if heads is not None else None
+        if head is not None:
+            labelled.append(("head", head))
+        for label, module in labelled:
             for name, param in module.named_parameters():
                 key = id(param)
                 if key in seen_here:
@@ -286,22 +306,51 @@ def find_shared_parameters(groups: Sequence[Sequence[nn.Module]]) -> list[tuple[
                 if key in owner and owner[key][0] != g:
                     shared.append((owner[key][1], owner[key][0], g))
                 else:
-                    owner.setdefault(key, (g, f"block {b}: {name}"))
+                    owner.setdefault(key, (g, f"{label}: {name}"))
     return shared
 
 
 class StageUnit(nn.Module):
     """A stage and its head as one module: what a step runs, and what DDP wraps.
 
-    Returns ``(output, prediction)``; the prediction is the head's output (the output itself for
-    stages without a head).
+    Returns ``(output, prediction)``: the prediction is the head applied to the selected part
+    of the output (``output=`` of the wrapper; the whole output by default).
     """
 
-    def __init__(self, stage: Stage, head: nn.Module) -> None:
+    def __init__(self, stage: Stage, head: nn.Module, output: Any = None) -> None:
         super().__init__()
         self.stage = stage
         self.head = head
+        self.output = output
 
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, Any]:
+    def forward(self, x: Any, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
         out = self.stage(x, *args, **kwargs)
-        return out, self.head(out)
+        if self.output is None:
+            return out, self.head(out)
+        pred = self.output(out) if callable(self.output) else out[self.output]
+        return out, self.head(pred)
+
+
+CARRY_RULE = (
+    "a block must return a tensor, or a tuple/list/dict (nested as deep as needed) whose leaves "
+    "are all tensors; that is the state carried to the next block and, detached leaf by leaf, "
+    "to the next stage"
+)
+
+
+def check_carriable(x: Any, block: int) -> None:
+    """Raise TypeError naming ``block`` when its output is not a pytree of tensors."""
+    if isinstance(x, torch.Tensor):
+        return
+    leaves, _ = pytree.tree_flatten(x)
+    bad = next((leaf for leaf in leaves if not isinstance(leaf, torch.Tensor)), None)
+    if not leaves or bad is not None:
+        what = type(x).__name__ if not leaves else f"a leaf of type {type(bad).__name__}"
+        raise TypeError(f"model: block {block} returned {what}; {CARRY_RULE}")
+
+
+def detach_state(x: Any) -> Any:
+    """Detach every tensor of an inter-stage state (a tensor or a pytree of tensors)."""
+    if isinstance(x, torch.Tensor):
+        return x.detach()
+    return pytree.tree_map(lambda t: t.detach(), x)

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
-import math
-from collections.abc import Callable, Iterable, Sequence
+import copy
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -12,18 +11,17 @@ from torch import nn
 
 from greedywrap import distributed as _dist
 from greedywrap import engines
-from greedywrap.inversion import InversionError, InvertedStage
 from greedywrap.options import (
     build_optimizers,
     build_schedulers,
     check_options,
+    move_args,
     per_stage,
     to_device,
 )
 from greedywrap.stages import (
     DeviceLike,
     Stage,
-    StageUnit,
     assign_devices,
     check_balance,
     even_balance,
@@ -31,28 +29,37 @@ from greedywrap.stages import (
     normalize_device,
     read_blocks,
 )
+from greedywrap.trainer import NonFiniteLossError, StageTrainer
 
-__all__ = ["GreedyWrapper", "NonFiniteLossError"]
+__all__ = ["GreedyWrapper", "NonFiniteLossError", "default_loss"]
 
 
-class NonFiniteLossError(FloatingPointError):
-    """A stage's loss was NaN or Inf (raised when ``nonfinite="raise"``)."""
+def default_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean squared error that refuses shapes which only broadcast.
 
-    def __init__(self, stage: int, step: int, value: float, detail: str = "") -> None:
-        super().__init__(
-            f"stage {stage}: loss is {value} at step {step}; its update was not applied"
-            + (f"; {detail}" if detail else "")
+    ``mse_loss`` broadcasts ``(4, 16, 16)`` against ``(4, 1, 16, 16)`` with a warning and
+    averages over the wrong elements; here any shape difference is an error.
+    """
+    if not isinstance(pred, torch.Tensor) or not isinstance(target, torch.Tensor):
+        raise TypeError(
+            f"the default loss compares two tensors, got {type(pred).__name__} and "
+            f"{type(target).__name__}; pass loss=... (or output=... to choose the prediction)"
         )
-        self.stage = stage
-        self.step = step
-        self.value = value
+    if pred.shape != target.shape:
+        raise ValueError(
+            f"shapes differ ({tuple(pred.shape)} vs {tuple(target.shape)}); the default loss "
+            "(mean squared error) needs equal shapes and does not broadcast"
+        )
+    return nn.functional.mse_loss(pred, target)
 
 
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+LossFn = Callable[[Any, Any], torch.Tensor]
 OptimizerSpec = type[torch.optim.Optimizer] | Callable[..., torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
 
-_STATE_VERSION = 1
+# Version 2 adds skipped_updates, the accumulation-window flags and mid-window gradients;
+# version 1 states load with those at their defaults.
+_STATE_VERSION = 2
 
 
 class GreedyWrapper(nn.Module):
@@ -124,6 +131,11 @@ class GreedyWrapper(nn.Module):
             update keeps its stage's graph alive, so this bounds P-GLEAM's extra memory
             (``None``, the default: no bound, the most overlap).
         timeout: seconds any wait on a worker may last before it is reported as hung.
+        output: what the head and the loss see of a stage's output, for blocks whose state is
+            more than one tensor (a block may return any tuple/list/dict of tensors, e.g.
+            ``(x, z)`` of a primal-dual unroll; it is detached leaf by leaf between stages):
+            ``None`` (default) passes the whole state, an int or str picks ``state[output]``,
+            a callable ``f(state)`` computes it. Inference returns the same selection.
 
     Raises:
         TypeError: an argument of the wrong kind (the message names it).
@@ -153,6 +165,7 @@ class GreedyWrapper(nn.Module):
         max_inversion_error: float | None = None,
         max_in_flight: int | None = None,
         timeout: float = 600.0,
+        output: int | str | Callable[[Any], Any] | None = None,
     ) -> None:
         super().__init__()
         blocks = read_blocks(model)
@@ -166,15 +179,29 @@ class GreedyWrapper(nn.Module):
         for size in balance:
             groups.append(blocks[start : start + size])
             start += size
-        shared = find_shared_parameters(groups)
+        head_list = (
+            [None] * num_stages
+            if heads is None
+            else per_stage(heads, "heads", num_stages, lambda v: False)
+        )
+        for m, head in enumerate(head_list):
+            if head is not None and not isinstance(head, nn.Module):
+                raise TypeError(f"heads: entry {m} is {head!r}; expected an nn.Module or None")
+        shared = find_shared_parameters(groups, head_list)
         if shared:
             name, first, other = shared[0]
+            merged = balance[:first] + [sum(balance[first : other + 1])] + balance[other + 1 :]
+            hint = (
+                "give every stage a head of its own"
+                if name.startswith("head")
+                else f"put the blocks that share weights in the same stage (e.g. "
+                f"splits={merged}) or untie them"
+            )
             raise ValueError(
                 f"model: parameter '{name}' of stage {first} is also used by stage {other}. "
                 "Greedy training gives every stage its own optimizer and detaches stage inputs, "
                 "so weights tied across stages would be updated by two optimizers with "
-                "conflicting local losses. Put the blocks that share weights in the same stage "
-                f"(e.g. splits={[len(g) for g in groups[:first]] + ['...']}) or untie them"
+                f"conflicting local losses; {hint}"
             )
 
         timeout = check_options(
@@ -183,6 +210,11 @@ class GreedyWrapper(nn.Module):
             invertible=invertible, inversion_checkpoints=inversion_checkpoints,
             max_inversion_error=max_inversion_error, timeout=timeout, placement=placement,
         )  # fmt: skip
+        if output is not None and not (callable(output) or isinstance(output, (int, str))):
+            raise TypeError(
+                f"output: got {output!r}; expected None, an int or str key of the blocks' "
+                "output, or a callable f(state) -> prediction"
+            )
         # Placement: one worker per entry of `devices`; None means "where the model already is".
         self._explicit_devices = devices is not None
         if devices is None:
@@ -201,34 +233,53 @@ class GreedyWrapper(nn.Module):
                 "precision: 'fp16' needs every stage on a CUDA device (GradScaler); "
                 "use 'bf16' on CPU"
             )
+        if max_in_flight is not None and (
+            isinstance(max_in_flight, bool)
+            or not isinstance(max_in_flight, int)
+            or max_in_flight < 1
+        ):
+            raise ValueError(f"max_in_flight: got {max_in_flight!r}; expected an int >= 1 or None")
+        loss_list = per_stage(
+            loss if loss is not None else default_loss, "loss", num_stages, callable
+        )
 
+        firsts = [sum(balance[:m]) for m in range(num_stages)]
         self.stages = nn.ModuleList(
-            Stage(group, m, device_list[stage_entry[m]], checkpoint)
+            Stage(group, m, device_list[stage_entry[m]], checkpoint, firsts[m])
             for m, group in enumerate(groups)
         )
-        head_list = (
-            [None] * num_stages
-            if heads is None
-            else per_stage(heads, "heads", num_stages, lambda v: False)
-        )
-        for m, head in enumerate(head_list):
-            if head is not None and not isinstance(head, nn.Module):
-                raise TypeError(f"heads: entry {m} is {head!r}; expected an nn.Module or None")
         self.heads = nn.ModuleList(h if h is not None else nn.Identity() for h in head_list)
-        self._has_head = [h is not None for h in head_list]
         for m, stage in enumerate(self.stages):
             stage.to(stage.device)
             self.heads[m].to(stage.device)
-
-        self._units = [StageUnit(s, h) for s, h in zip(self.stages, self.heads, strict=True)]
         self.distributed = _dist.use_distributed(distributed)
         if invertible and self.distributed:
             raise ValueError("invertible: MEL is not supported with distributed data parallelism")
-        self._runners = (
-            _dist.wrap_stage_units(self._units, [s.device for s in self.stages])
-            if self.distributed
-            else list(self._units)
+
+        # Everything a stage trains with lives in its StageTrainer; the engine drives those.
+        self._trainers = [
+            StageTrainer(
+                self.stages[m], self.heads[m], head_list[m] is not None, loss_list[m],
+                output=output, precision=precision, grad_accumulation=grad_accumulation,
+                clip_grad_norm=clip_grad_norm, nonfinite=nonfinite, invertible=invertible,
+                inversion_checkpoints=inversion_checkpoints,
+                max_inversion_error=max_inversion_error, first_block=firsts[m],
+            )
+            for m in range(num_stages)
+        ]  # fmt: skip
+        optimizers = build_optimizers(
+            optimizer, optimizer_kwargs, [t.parameters() for t in self._trainers]
         )
+        schedulers = build_schedulers(scheduler, optimizers)
+        for t, opt, sched in zip(self._trainers, optimizers, schedulers, strict=True):
+            t.optimizer, t.scheduler = opt, sched
+            if precision == "fp16" and opt is not None:
+                t.scaler = torch.amp.GradScaler("cuda")
+        if self.distributed:
+            # Group creation is a collective: every rank does it in stage order.
+            for t in self._trainers:
+                t.attach_ddp()
+
         self.grad_accumulation = grad_accumulation
         self.devices = device_list
         self.stage_entry = stage_entry
@@ -236,50 +287,23 @@ class GreedyWrapper(nn.Module):
         self.precision = precision
         self.clip_grad_norm = clip_grad_norm
         self.timeout = timeout
-        if max_in_flight is not None and (
-            isinstance(max_in_flight, bool)
-            or not isinstance(max_in_flight, int)
-            or max_in_flight < 1
-        ):
-            raise ValueError(f"max_in_flight: got {max_in_flight!r}; expected an int >= 1 or None")
         self.max_in_flight = max_in_flight
         self.checkpoint = checkpoint
-
-        losses = per_stage(
-            loss if loss is not None else nn.functional.mse_loss,
-            "loss",
-            num_stages,
-            callable,
-        )
-        self.losses = losses
-
-        self.optimizers = build_optimizers(
-            optimizer, optimizer_kwargs, [self._stage_parameters(m) for m in range(num_stages)]
-        )
-        self.schedulers = build_schedulers(scheduler, self.optimizers)
-        self.scalers = [
-            torch.amp.GradScaler("cuda") if precision == "fp16" and opt is not None else None
-            for opt in self.optimizers
-        ]
-        self.step_count = 0
         self.nonfinite = nonfinite
-        self.skipped_updates = [0] * num_stages
         self.invertible = invertible
         self.inversion_checkpoints = inversion_checkpoints
         self.max_inversion_error = max_inversion_error
-        self.inversion_errors: list[list[float]] = [[] for _ in range(num_stages)]
-        self._inverted: list[InvertedStage | None] = [None] * num_stages
-        self._engine = engines.make_engine(self)
+        self.output = output
+        self.step_count = 0
+        self._closed = False
+        self._engine = self._make_engine()
 
-    # ------------------------------------------------------------------ construction helpers
+    def _make_engine(self) -> engines.SequentialEngine | engines.AsyncEngine:
+        return engines.make_engine(
+            self._trainers, self.devices, self.stage_entry, self.timeout, self.max_in_flight
+        )
 
-    def _stage_parameters(self, m: int) -> list[nn.Parameter]:
-        params = list(self.stages[m].parameters())
-        seen = {id(p) for p in params}
-        params += [p for p in self.heads[m].parameters() if id(p) not in seen]
-        return [p for p in params if p.requires_grad]
-
-    # ------------------------------------------------------------------ properties
+    # ------------------------------------------------------------------ per-stage views
 
     @property
     def num_stages(self) -> int:
@@ -291,154 +315,101 @@ class GreedyWrapper(nn.Module):
         """The device of each stage."""
         return [stage.device for stage in self.stages]
 
-    def _autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
-        if self.precision == "fp32":
-            return contextlib.nullcontext()
-        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
-        return torch.autocast(device_type=device.type, dtype=dtype)
+    @property
+    def optimizers(self) -> list[torch.optim.Optimizer | None]:
+        """Each stage's optimizer (``None`` for a stage with nothing to train)."""
+        return [t.optimizer for t in self._trainers]
+
+    @property
+    def schedulers(self) -> list[Any]:
+        """Each stage's LR scheduler or ``None``."""
+        return [t.scheduler for t in self._trainers]
+
+    @property
+    def scalers(self) -> list[torch.amp.GradScaler | None]:
+        """Each stage's GradScaler (``precision="fp16"``) or ``None``."""
+        return [t.scaler for t in self._trainers]
+
+    @property
+    def losses(self) -> list[LossFn]:
+        """Each stage's loss function."""
+        return [t.loss_fn for t in self._trainers]
+
+    @property
+    def skipped_updates(self) -> list[int]:
+        """Per stage, the updates skipped for a nonfinite loss (``nonfinite="skip"``).
+
+        With ``grad_accumulation > 1`` a nonfinite micro-step skips its whole window, counted
+        once. Saved by ``state_dict()``.
+        """
+        return [t.skipped_updates for t in self._trainers]
+
+    @property
+    def inversion_errors(self) -> list[list[float]]:
+        """Per stage, each block's relative inversion error in the last step (MEL)."""
+        return [list(t.inversion_errors) for t in self._trainers]
 
     # ------------------------------------------------------------------ training
 
     def train_step(
-        self, x0: torch.Tensor, target: Any, *block_args: Any, **block_kwargs: Any
+        self, x0: Any, target: Any, *block_args: Any, **block_kwargs: Any
     ) -> list[torch.Tensor]:
         """Run one greedy step over all stages (GLEAM, Algorithm 1).
 
         Args:
-            x0: the input of the first block.
+            x0: the input of the first block: a tensor, or a tuple/list/dict of tensors.
             target: what every stage's output (or head output) is compared with.
             *block_args: extra positional arguments passed to every block.
             **block_kwargs: extra keyword arguments passed to every block.
 
         Returns:
-            The loss of each stage, as detached 0-dim tensors on the stage's device (reading
-            them with ``float()`` is what synchronises, not this call).
+            The loss of each stage, as detached 0-dim tensors of their own (holding one
+            number, not the loss's buffers) on the stage's device; reading them with
+            ``float()`` is what synchronises, not this call.
 
         Raises:
             ValueError: the loss cannot compare a stage's output with ``target``, or does not
                 return a scalar.
+            TypeError: a block returned something that cannot be carried to the next block.
         """
         if not isinstance(x0, torch.Tensor):
-            raise TypeError(f"x0: got {type(x0).__name__}; expected a torch.Tensor")
+            leaves = torch.utils._pytree.tree_leaves(x0)
+            if not leaves or not all(isinstance(v, torch.Tensor) for v in leaves):
+                raise TypeError(
+                    f"x0: got {type(x0).__name__}; expected a torch.Tensor or a "
+                    "tuple/list/dict of tensors"
+                )
         if not self.training:
             raise RuntimeError(
                 "train_step: the wrapper is in eval mode; call .train() first (eval mode would "
                 "train with inference behaviour of dropout/batch-norm)"
             )
+        if self._closed:
+            raise RuntimeError("train_step: the wrapper was closed; build a new one to train")
         sync = (self.step_count + 1) % self.grad_accumulation == 0
         self.step_count += 1
-        losses = self._engine.step(x0, target, block_args, block_kwargs, sync)
-        return losses
-
-    def _compute_loss(self, m: int, pred: torch.Tensor, target: Any) -> torch.Tensor:
-        try:
-            loss = self.losses[m](pred, target)
-        except (RuntimeError, ValueError, TypeError) as err:
-            tshape = tuple(target.shape) if isinstance(target, torch.Tensor) else type(target)
-            raise ValueError(
-                f"loss: stage {m} could not compare its output of shape {tuple(pred.shape)} "
-                f"with the target of shape {tshape}: {err}"
-            ) from err
-        if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
-            got = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
-            raise ValueError(
-                f"loss: stage {m} returned {got}; the loss must return a scalar (0-dim) tensor"
-            )
-        return loss
-
-    def _stage_forward(
-        self, m: int, x: torch.Tensor, target: Any, args: tuple, kwargs: dict, sync: bool = True
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Forward of stage m on a detached input; returns (output, loss) with the graph alive."""
-        runner = self._runners[m]
-        inp = x.detach()
-        if self.invertible:
-            device = self.stages[m].device
-            ctx = InvertedStage.forward(
-                self.stages[m].blocks, inp, args, kwargs, self.inversion_checkpoints,
-                lambda: self._autocast(device),
-            )  # fmt: skip
-            self._inverted[m] = ctx
-            with self._autocast(device):
-                loss = self._compute_loss(m, self.heads[m](ctx.output), target)
-            return ctx.output, loss
-        # Under DDP, micro-steps that do not update skip the gradient all-reduce.
-        no_sync = getattr(runner, "no_sync", None)
-        quiet = no_sync() if (no_sync is not None and not sync) else contextlib.nullcontext()
-        with quiet, self._autocast(self.stages[m].device):
-            out, pred = runner(inp, *args, **kwargs)
-            loss = self._compute_loss(m, pred, target)
-        return out, loss
-
-    def _stage_update(self, m: int, loss: torch.Tensor, sync: bool = True) -> None:
-        """Backward of stage m's loss; on update steps also clipping, optimizer, scheduler."""
-        opt = self.optimizers[m]
-        if opt is None or not loss.requires_grad:
-            return
-        if self.nonfinite is not None:
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                if self.nonfinite == "raise":
-                    raise NonFiniteLossError(m, self.step_count, value)
-                self.skipped_updates[m] += 1
-                opt.zero_grad(set_to_none=True)
-                return
-        scaler = self.scalers[m]
-        if self.grad_accumulation > 1:
-            loss = loss / self.grad_accumulation
-        if scaler is not None:
-            scaler.scale(loss).backward()
-        else:
-            loss.backward()
-        if self.invertible:
-            self._inverted_backward(m, opt)
-        if not sync:
-            return
-        if self.clip_grad_norm is not None:
-            if scaler is not None:
-                scaler.unscale_(opt)
-            torch.nn.utils.clip_grad_norm_(self._stage_parameters(m), self.clip_grad_norm)
-        if scaler is not None:
-            scaler.step(opt)
-            scaler.update()
-        else:
-            opt.step()
-        opt.zero_grad(set_to_none=True)
-        sched = self.schedulers[m]
-        if sched is not None:
-            sched.step()
-
-    def _inverted_backward(self, m: int, opt: torch.optim.Optimizer) -> None:
-        ctx, self._inverted[m] = self._inverted[m], None
-        device = self.stages[m].device
-        errors = ctx.backward(ctx.output.grad, lambda: self._autocast(device))
-        self.inversion_errors[m] = errors
-        bad = InvertedStage.first_violation(errors, self.max_inversion_error)
-        if bad is not None:
-            opt.zero_grad(set_to_none=True)
-            block = sum(self.balance[:m]) + bad[0]
-            raise InversionError(m, block, bad[1], self.max_inversion_error)
+        return self._engine.step(x0, target, block_args, block_kwargs, sync, self.step_count)
 
     def move_args(self, device: torch.device, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         """Move block arguments to ``device`` (tensors and objects with ``.to``)."""
-        moved_args = tuple(to_device(a, device, f"block_args[{i}]") for i, a in enumerate(args))
-        moved_kwargs = {k: to_device(v, device, f"block_kwargs[{k!r}]") for k, v in kwargs.items()}
-        return moved_args, moved_kwargs
+        return move_args(device, args, kwargs)
 
     # ------------------------------------------------------------------ inference
 
     def forward(
         self,
-        x0: torch.Tensor,
+        x0: Any,
         *block_args: Any,
         exit_at: int | None = None,
         return_all: bool = False,
         **block_kwargs: Any,
-    ) -> torch.Tensor | list[torch.Tensor]:
+    ) -> Any:
         """Run the network up to stage ``exit_at`` (1-based; default: all stages).
 
-        The output of a stage with an auxiliary head is that head's output. Gradients are
-        tracked as for any module; wrap calls in ``torch.no_grad()`` for inference.
+        Waits for pending updates first. The output of a stage is its selected output
+        (``output=``), passed through its head if it has one; heads run under the same
+        autocast as the blocks. Gradients are tracked as for any module; wrap calls in
+        ``torch.no_grad()`` for inference.
 
         Args:
             x0: the input of the first block.
@@ -458,74 +429,147 @@ class GreedyWrapper(nn.Module):
         x = x0
         outputs = []
         for m in range(last):
-            stage = self.stages[m]
-            if stage.device not in moved:
-                moved[stage.device] = self.move_args(stage.device, block_args, block_kwargs)
-            args, kwargs = moved[stage.device]
-            x = to_device(x, stage.device, "x")
-            with self._autocast(stage.device):
-                x = stage(x, *args, **kwargs)
-            if return_all or m == last - 1:
-                outputs.append(self.heads[m](x) if self._has_head[m] else x)
+            t = self._trainers[m]
+            if t.device not in moved:
+                moved[t.device] = move_args(t.device, block_args, block_kwargs)
+            args, kwargs = moved[t.device]
+            x = to_device(x, t.device, "x")
+            with t.autocast():
+                x = t.stage(x, *args, **kwargs)
+                if return_all or m == last - 1:
+                    outputs.append(t.prediction(x))
         return outputs if return_all else outputs[-1]
 
     # ------------------------------------------------------------------ state
 
     def get_extra_state(self) -> dict[str, Any]:
-        """Optimizer, scheduler and scaler state of every stage, the step count and balance.
+        """Optimizer, scheduler and scaler state of every stage, counters, step count, balance.
 
         Saved by ``state_dict()`` under the key ``_extra_state`` next to the parameters, so a
-        wrapper nested in a larger module checkpoints and resumes with it.
+        wrapper nested in a larger module checkpoints and resumes with it. In the middle of a
+        ``grad_accumulation`` window it also holds the gradients accumulated so far, so the
+        resumed run is exactly the uninterrupted one.
         """
         self.synchronize()
+        mid_window = self.step_count % self.grad_accumulation != 0
+        states = [t.state(mid_window) for t in self._trainers]
         return {
             "version": _STATE_VERSION,
             "balance": list(self.balance),
             "step_count": self.step_count,
-            "optimizers": [o.state_dict() if o is not None else None for o in self.optimizers],
-            "schedulers": [s.state_dict() if s is not None else None for s in self.schedulers],
-            "scalers": [s.state_dict() if s is not None else None for s in self.scalers],
+            "optimizers": [s["optimizer"] for s in states],
+            "schedulers": [s["scheduler"] for s in states],
+            "scalers": [s["scaler"] for s in states],
+            "skipped_updates": [s["skipped_updates"] for s in states],
+            "window_bad": [s["window_bad"] for s in states],
+            "grads": [s["grads"] for s in states],
         }
 
     def set_extra_state(self, state: Any) -> None:
-        """Restore what :meth:`get_extra_state` saved (called by ``load_state_dict``)."""
-        if not isinstance(state, dict) or state.get("version") != _STATE_VERSION:
+        """Restore what :meth:`get_extra_state` saved (called by ``load_state_dict``).
+
+        Accepts states of version 1 (before ``skipped_updates`` and mid-window gradients were
+        saved; those start at zero) and 2.
+        """
+        if not isinstance(state, dict) or state.get("version") not in (1, _STATE_VERSION):
             raise ValueError(
-                "state_dict: '_extra_state' is not a greedywrap state of version "
+                "state_dict: '_extra_state' is not a greedywrap state of version 1 or "
                 f"{_STATE_VERSION}; was it saved by GreedyWrapper.state_dict()?"
             )
         if list(state["balance"]) != list(self.balance):
             raise ValueError(
                 f"state_dict: saved with splits={state['balance']}, but this wrapper has "
-                f"splits={self.balance}; build the wrapper with the same splits to resume"
+                f"splits={self.balance}; build the wrapper with the same splits to resume, or "
+                "move only the weights with model_state_dict()/load_model_state_dict()"
             )
-        for kind, objs in (
-            ("optimizers", self.optimizers),
-            ("schedulers", self.schedulers),
-            ("scalers", self.scalers),
-        ):
-            saved = state[kind]
-            for m, (obj, sd) in enumerate(zip(objs, saved, strict=True)):
-                if (obj is None) != (sd is None):
-                    raise ValueError(
-                        f"state_dict: stage {m} {kind[:-1]} state is "
-                        f"{'missing' if sd is None else 'present'} in the checkpoint but the "
-                        f"wrapper {'has' if obj is not None else 'has no'} {kind[:-1]}"
-                    )
-                if obj is not None:
-                    obj.load_state_dict(sd)
+        self.synchronize()
+        n = self.num_stages
+        for m, t in enumerate(self._trainers):
+            t.load_state(
+                {
+                    "optimizer": state["optimizers"][m],
+                    "scheduler": state["schedulers"][m],
+                    "scaler": state["scalers"][m],
+                    "skipped_updates": state.get("skipped_updates", [0] * n)[m],
+                    "window_bad": state.get("window_bad", [False] * n)[m],
+                    "grads": state.get("grads", [None] * n)[m],
+                }
+            )
         self.step_count = int(state["step_count"])
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        # Runs before the stages' parameters are copied, also when the wrapper is nested in a
+        # larger module: no pending update may land on (or read) the loaded weights.
+        self.synchronize()
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """The parameters of every stage and head, plus the optimizer state (``_extra_state``).
+
+        Keys are ``stages.<m>.blocks.<j>.*``, ``heads.<m>.*`` and ``_extra_state``: they
+        depend on the splits. For weights that do not, see :meth:`model_state_dict`.
+        """
+        self.synchronize()
+        return super().state_dict(*args, **kwargs)
+
+    def model_state_dict(self) -> dict[str, torch.Tensor]:
+        """The blocks' weights with the keys of ``nn.Sequential(*blocks).state_dict()``.
+
+        Independent of ``splits`` (and of devices): load them into a wrapper with other splits
+        with :meth:`load_model_state_dict`, or into the plain model. Heads, optimizer state
+        and counters are not included (use ``state_dict()`` to resume training).
+        """
+        self.synchronize()
+        return nn.Sequential(*self._blocks()).state_dict()
+
+    def load_model_state_dict(self, state_dict: dict[str, Any], strict: bool = True) -> Any:
+        """Load weights saved by :meth:`model_state_dict` (or a plain ``nn.Sequential``).
+
+        Waits for pending updates first; optimizer state is left as it is.
+        Returns what ``nn.Module.load_state_dict`` returns (missing and unexpected keys).
+        """
+        self.synchronize()
+        return nn.Sequential(*self._blocks()).load_state_dict(state_dict, strict=strict)
+
+    def _blocks(self) -> list[nn.Module]:
+        return [block for stage in self.stages for block in stage.blocks]
+
+    # ------------------------------------------------------------------ reads wait for updates
+
+    def named_parameters(self, *args: Any, **kwargs: Any) -> Iterator[tuple[str, nn.Parameter]]:
+        """As ``nn.Module.named_parameters``, after every pending update has landed."""
+        if "_engine" in self.__dict__:
+            self.synchronize()
+        return super().named_parameters(*args, **kwargs)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> GreedyWrapper:
+        """A copy with the same weights and state and workers of its own (pending updates land
+        first). Refused under data parallelism (process groups cannot be copied)."""
+        if self.distributed:
+            raise RuntimeError(
+                "deepcopy: a distributed wrapper holds per-stage DDP process groups, which "
+                "cannot be copied; build a new wrapper and load_state_dict() instead"
+            )
+        self.synchronize()
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        for key, value in self.__dict__.items():
+            if key != "_engine":
+                new.__dict__[key] = copy.deepcopy(value, memo)
+        new._engine = new._make_engine()
+        return new
 
     # ------------------------------------------------------------------ device ownership
 
     def _apply(self, fn: Callable, recurse: bool = True) -> GreedyWrapper:  # type: ignore[override]
         # Moving the wrapper by hand would desynchronise stages from their workers; the wrapper
         # owns placement. Dtype changes and moves of a single-device wrapper are allowed.
-        if hasattr(self, "_engine"):
+        if "_engine" in self.__dict__:
             self.synchronize()
-        before = [p.device for p in self.parameters()]
+        params = list(super().parameters())
+        before = [p.device for p in params]
         result = super()._apply(fn, recurse)
-        after = [p.device for p in self.parameters()]
+        after = [p.device for p in super().parameters()]
         if before != after:
             if self._explicit_devices or self.distributed:
                 raise RuntimeError(
@@ -537,35 +581,37 @@ class GreedyWrapper(nn.Module):
             self.devices = [new]
             for stage in self.stages:
                 stage.device = new
-            for opt in self.optimizers:
-                if opt is not None:
-                    for st in opt.state.values():
-                        for k, v in st.items():
-                            if isinstance(v, torch.Tensor) and v.dim() > 0:
-                                st[k] = v.to(new)
             self._engine.close()
-            self._engine = engines.make_engine(self)
+            self._engine = self._make_engine()
+        if "_trainers" in self.__dict__:
+            # Optimizer state follows the parameters' device and dtype (e.g. after .double()).
+            for t in self._trainers:
+                t.convert_optimizer_state()
         return result
 
     def synchronize(self) -> None:
         """Wait until every stage's pending update has finished (P-GLEAM).
 
-        ``train_step`` may return while the last stages still update on their workers; call this
-        before reading parameters directly. Inference, ``state_dict()`` and moves call it.
+        On CUDA this also waits for the kernels the workers queued on their streams.
+        ``train_step`` may return while the last stages still update on their workers; every
+        read or write of the weights through the wrapper (``forward``, ``state_dict``,
+        ``load_state_dict``, ``parameters``, ``to``, ``copy.deepcopy``) calls it first.
 
         Raises:
             StageError: a stage's backward or update failed on its worker.
         """
         self._engine.synchronize()
 
-    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        """The parameters of every stage and head, plus the optimizer state (``_extra_state``)."""
-        self.synchronize()
-        return super().state_dict(*args, **kwargs)
-
     def close(self) -> None:
-        """Wait for pending updates and stop worker threads. Safe to call twice."""
-        self._engine.close()
+        """Wait for pending updates, stop worker threads, release each stage's DDP wrapper and
+        destroy its process group. Call it before ``destroy_process_group()``. Safe to call
+        twice; a closed wrapper still runs inference but no longer trains."""
+        self._closed = True
+        try:
+            self._engine.close()
+        finally:
+            for t in self._trainers:
+                t.close()
 
     def __enter__(self) -> GreedyWrapper:
         return self
