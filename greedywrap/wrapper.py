@@ -50,7 +50,9 @@ def default_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
             f"shapes differ ({tuple(pred.shape)} vs {tuple(target.shape)}); the default loss "
             "(mean squared error) needs equal shapes and does not broadcast"
         )
-    return nn.functional.mse_loss(pred, target)
+    # mse_loss may return a 0-dim view of its elementwise buffer; the clone lets that buffer go
+    # as soon as the forward is done instead of keeping it until the backward.
+    return nn.functional.mse_loss(pred, target).clone()
 
 
 LossFn = Callable[[Any, Any], torch.Tensor]

@@ -1,6 +1,8 @@
 """A rank of the 2-process data-parallel test (launched by test_distributed.py, not by pytest).
 
-Usage: python dist_train.py RANK WORLD PORT OUT MODE   (MODE: seq | async | die | accumulate)
+Usage: python dist_train.py RANK WORLD PORT OUT MODE
+MODE: seq | async | die | accumulate | nanskip (rank 1 alone sees a NaN loss in stage 1 at step 2;
+every rank saves its parameters and skipped_updates to OUT.RANK)
 """
 
 from __future__ import annotations
@@ -13,6 +15,20 @@ import torch
 import torch.distributed as dist
 
 from toys import make_blocks
+
+
+class NanOnce(torch.nn.Module):
+    """Wraps a block; multiplies its output by NaN on the given call (on this rank only)."""
+
+    def __init__(self, block: torch.nn.Module, bad_call: int | None) -> None:
+        super().__init__()
+        self.block, self.bad_call, self.calls = block, bad_call, 0
+
+    def forward(self, x: torch.Tensor, scale: float) -> torch.Tensor:
+        self.calls += 1
+        y = self.block(x, scale)
+        return y * float("nan") if self.calls == self.bad_call else y
+
 
 STEPS = 4
 
@@ -31,10 +47,12 @@ def main() -> None:
 
     # Rank 1 starts from other weights on purpose: DDP must broadcast rank 0's.
     blocks = make_blocks(4, seed=0 if rank == 0 else 99)
+    if mode == "nanskip":
+        blocks[3] = NanOnce(blocks[3], 2 if rank == 1 else None)
     g = torch.Generator().manual_seed(7)
     x0, target = torch.randn(8, 8, generator=g), torch.randn(8, 8, generator=g)
     shard = slice(rank * 8 // world, (rank + 1) * 8 // world)
-    devices = ["cpu", "cpu"] if mode == "async" else None
+    devices = ["cpu", "cpu"] if mode in ("async", "nanskip") else None
     accumulate = 2 if mode == "accumulate" else 1
     gw = GreedyWrapper(
         blocks,
@@ -43,6 +61,7 @@ def main() -> None:
         optimizer_kwargs={"lr": 1e-2},
         grad_accumulation=accumulate,
         timeout=30,
+        nonfinite="skip" if mode == "nanskip" else None,
     )
     assert gw.distributed
     xs, ts = x0[shard].chunk(accumulate), target[shard].chunk(accumulate)
@@ -52,7 +71,9 @@ def main() -> None:
         for x, t in zip(xs, ts, strict=True):
             gw.train_step(x, t, 0.5)
     gw.synchronize()
-    if rank == 0:
+    if mode == "nanskip":
+        torch.save(([p.detach() for p in gw.parameters()], gw.skipped_updates), f"{out}.{rank}")
+    elif rank == 0:
         torch.save([p.detach() for p in gw.parameters()], out)
     gw.close()
     dist.destroy_process_group()

@@ -77,3 +77,14 @@ def test_a_rank_that_dies_makes_the_other_fail_instead_of_hang(tmp_path):
     codes = _launch("die", tmp_path / "never.pt", timeout=90)
     assert codes[1] == 3
     assert codes[0] != 0
+
+
+def test_ranks_agree_to_skip_when_only_one_sees_a_nonfinite_loss(tmp_path):
+    # Rank 1 alone sees NaN in stage 1 at step 2: both ranks must skip that update together
+    # (one all-reduced flag) instead of one all-reducing gradients the other never sends.
+    out = tmp_path / "params.pt"
+    assert _launch("nanskip", out, timeout=90) == [0, 0]
+    (p0, skipped0), (p1, skipped1) = (torch.load(f"{out}.{r}", weights_only=True) for r in (0, 1))
+    assert skipped0 == skipped1 == [0, 1]
+    for a, b in zip(p0, p1, strict=True):
+        assert torch.equal(a, b)
