@@ -39,7 +39,7 @@ def use_distributed(requested: bool | None) -> bool:
 
 
 def from_accelerator(model: Any, accelerator: Any, **kwargs: Any) -> Any:
-    """Build a :class:`~greedywrap.GreedyWrapper` that follows an ``accelerate.Accelerator``.
+    """Build a ``GreedyWrapper`` that follows an ``accelerate.Accelerator``.
 
     The wrapper keeps placement for itself (do not pass it to ``accelerator.prepare``): its
     stages go on ``accelerator.device``, mixed precision follows

@@ -184,7 +184,7 @@ class AsyncEngine:
 
     Stage m's forward at step k+1 waits (at most ``timeout`` seconds) for its own update of step
     k; no other wait happens in the step, so ``train_step`` can return while the last stages
-    still update. :meth:`synchronize` waits for everything (the wrapper calls it before
+    still update. ``synchronize`` waits for everything (the wrapper calls it before
     every read or write of its weights).
 
     The engine sees only the stages (never the wrapper); jobs are bound methods of a stage, so

@@ -97,7 +97,8 @@ def balance_by_cost(costs: Sequence[float], splits: int) -> list[int]:
     """Cut blocks with the given costs into ``splits`` contiguous stages minimising the largest.
 
     Useful when blocks differ in memory or time: pass per-block costs (e.g. from
-    :func:`balance_by_time`) and give the result to ``GreedyWrapper(splits=...)``. Exact
+    [`balance_by_time`][greedywrap.balance_by_time]) and give the result to
+    ``GreedyWrapper(splits=...)``. Exact
     (dynamic programming over cut points), ties broken towards earlier cuts.
 
     Args:
@@ -147,7 +148,7 @@ def balance_by_time(
     """Time each block's forward and backward on ``sample`` and balance stages by time.
 
     Runs every block ``repeats`` times on the current device of its parameters, takes the
-    median, and returns :func:`balance_by_cost` of those times.
+    median, and returns [`balance_by_cost`][greedywrap.balance_by_cost] of those times.
     """
     blocks = read_blocks(blocks)
     costs = []

@@ -1,9 +1,9 @@
 """One stage and everything it trains with: the object the engines drive.
 
-A :class:`StageTrainer` owns a stage's blocks, head, loss, optimizer, scheduler, scaler, DDP
-wrapper and process group, and its counters; it offers :meth:`~StageTrainer.forward` (caller
-thread), :meth:`~StageTrainer.update` (backward and step, on any thread) and
-:meth:`~StageTrainer.state`. It holds no reference to the wrapper or to an engine, so a job
+A ``StageTrainer`` owns a stage's blocks, head, loss, optimizer, scheduler, scaler, DDP
+wrapper and process group, and its counters; it offers ``forward`` (caller
+thread), ``update`` (backward and step, on any thread) and
+``state``. It holds no reference to the wrapper or to an engine, so a job
 handed to a worker keeps only its own stage alive, and dropping the wrapper frees everything.
 """
 

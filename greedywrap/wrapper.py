@@ -101,7 +101,8 @@ class GreedyWrapper(nn.Module):
         scheduler: optional factory ``f(optimizer) -> LR scheduler`` or a list of one per
             stage (``None`` entries allowed); stepped after every optimizer step.
         loss: ``loss(pred, target) -> scalar tensor`` for all stages, or a list of one per
-            stage. Default mean squared error.
+            stage. Default [`default_loss`][greedywrap.wrapper.default_loss]: mean squared
+            error that refuses shapes which differ (also those that would only broadcast).
         heads: optional auxiliary heads, a list of one ``nn.Module`` (or ``None``) per stage:
             the stage's loss is ``loss(head(x_m), target)``, and inference that exits at that
             stage returns ``head(x_m)``.
@@ -116,16 +117,20 @@ class GreedyWrapper(nn.Module):
         distributed: data parallelism over processes (one DDP per stage). ``None`` (default)
             turns it on when ``torch.distributed`` is initialised with several processes.
         nonfinite: what to do with a NaN/Inf stage loss: ``None`` (default: nothing, no
-            host synchronisation), ``"raise"`` (raise :class:`NonFiniteLossError` naming the
-            stage and step, before the update) or ``"skip"`` (skip that stage's update and
-            count it in ``skipped_updates``). Checking reads the loss on the host once per stage.
+            host synchronisation), ``"raise"`` (raise
+            [`NonFiniteLossError`][greedywrap.NonFiniteLossError] naming the stage and step,
+            before the update) or ``"skip"`` (skip that stage's update and count it in
+            ``skipped_updates``). Checking reads the loss on the host once per stage.
+            With ``grad_accumulation > 1`` a nonfinite micro-step skips its whole window
+            (counted once). Under data parallelism the processes all-reduce one flag, so they
+            all skip (or all raise) together.
         invertible: train by inversion (MEL) instead of storing activations: every block
             must implement ``inverse(y, *block_args, **block_kwargs)``; each stage keeps only
             its output and ``inversion_checkpoints`` inputs, and recovers the others in
-            backward by inversion (see :mod:`greedywrap.inversion`). Combines with ``splits``.
+            backward by inversion (see ``greedywrap.inversion``). Combines with ``splits``.
         inversion_checkpoints: block inputs kept per stage besides the stage input, evenly
             spaced, so inversion errors cannot accumulate over long runs of blocks.
-        max_inversion_error: raise :class:`~greedywrap.inversion.InversionError` (before the
+        max_inversion_error: raise ``greedywrap.inversion.InversionError`` (before the
             update) when a block's relative inversion error exceeds this; the errors of the
             last step are in ``inversion_errors`` either way.
         max_in_flight: with several device entries, at most this many stage updates may be
@@ -138,6 +143,13 @@ class GreedyWrapper(nn.Module):
             ``(x, z)`` of a primal-dual unroll; it is detached leaf by leaf between stages):
             ``None`` (default) passes the whole state, an int or str picks ``state[output]``,
             a callable ``f(state)`` computes it. Inference returns the same selection.
+
+    Every read or write of the weights through the wrapper (``forward``, ``state_dict``,
+    ``load_state_dict``, ``parameters``, ``to``, ``copy.deepcopy``) first waits for pending
+    P-GLEAM updates ([`synchronize`][greedywrap.GreedyWrapper.synchronize]). Call
+    [`close`][greedywrap.GreedyWrapper.close] when done: it stops the workers and, under data
+    parallelism, releases each stage's DDP wrapper and process group (before
+    ``destroy_process_group()``).
 
     Raises:
         TypeError: an argument of the wrong kind (the message names it).
@@ -468,7 +480,7 @@ class GreedyWrapper(nn.Module):
         }
 
     def set_extra_state(self, state: Any) -> None:
-        """Restore what :meth:`get_extra_state` saved (called by ``load_state_dict``).
+        """Restore what ``get_extra_state`` saved (called by ``load_state_dict``).
 
         Accepts states of version 1 (before ``skipped_updates`` and mid-window gradients were
         saved; those start at zero) and 2.
@@ -509,7 +521,8 @@ class GreedyWrapper(nn.Module):
         """The parameters of every stage and head, plus the optimizer state (``_extra_state``).
 
         Keys are ``stages.<m>.blocks.<j>.*``, ``heads.<m>.*`` and ``_extra_state``: they
-        depend on the splits. For weights that do not, see :meth:`model_state_dict`.
+        depend on the splits. For weights that do not, see
+        [`model_state_dict`][greedywrap.GreedyWrapper.model_state_dict].
         """
         self.synchronize()
         return super().state_dict(*args, **kwargs)
@@ -518,14 +531,15 @@ class GreedyWrapper(nn.Module):
         """The blocks' weights with the keys of ``nn.Sequential(*blocks).state_dict()``.
 
         Independent of ``splits`` (and of devices): load them into a wrapper with other splits
-        with :meth:`load_model_state_dict`, or into the plain model. Heads, optimizer state
-        and counters are not included (use ``state_dict()`` to resume training).
+        with [`load_model_state_dict`][greedywrap.GreedyWrapper.load_model_state_dict], or
+        into the plain model. Heads, optimizer state and counters are not included (use
+        ``state_dict()`` to resume training).
         """
         self.synchronize()
         return nn.Sequential(*self._blocks()).state_dict()
 
     def load_model_state_dict(self, state_dict: dict[str, Any], strict: bool = True) -> Any:
-        """Load weights saved by :meth:`model_state_dict` (or a plain ``nn.Sequential``).
+        """Load weights saved by ``model_state_dict()`` (or by a plain ``nn.Sequential``).
 
         Waits for pending updates first; optimizer state is left as it is.
         Returns what ``nn.Module.load_state_dict`` returns (missing and unexpected keys).
