@@ -245,16 +245,21 @@ class AsyncEngine:
             prev_event = torch.cuda.Event()
             prev_event.record(torch.cuda.current_stream(x0.device))
         losses = []
-        used_streams = []
+        # The caller's current streams, taken outside any worker's stream context.
+        caller = {w.index: torch.cuda.current_stream(w.device) for w in self.workers if w.stream}
+        used_streams: list[Any] = []
         for m, st in enumerate(self.stages):
             worker = self.workers[self.stage_entry[m]]
             self._wait(m)
             with worker.stream_context():
                 if worker.stream is not None:
-                    worker.stream.wait_stream(torch.cuda.current_stream(worker.device))
+                    if worker.stream not in used_streams:
+                        # Everything the caller queued on this device so far (target, block
+                        # arguments) comes before the stage reads it.
+                        worker.stream.wait_stream(caller[worker.index])
+                        used_streams.append(worker.stream)
                     if prev_event is not None:
                         worker.stream.wait_event(prev_event)
-                    used_streams.append(worker.stream)
                 a, k, tgt = inputs.on(st.device)
                 inp = self._to_stage(x, st.device, worker)
                 out, loss = st.forward(inp, tgt, a, k, sync)
@@ -270,9 +275,10 @@ class AsyncEngine:
             x = detach_state(out)
             del out, loss
             self._bound_in_flight()
-        for stream in used_streams:
-            # The returned losses were computed on worker streams: order the caller after them.
-            torch.cuda.current_stream(stream.device).wait_stream(stream)
+        for w in self.workers:
+            if w.stream is not None and w.stream in used_streams:
+                # The returned losses were computed on worker streams: order the caller after them.
+                caller[w.index].wait_stream(w.stream)
         return losses
 
     @staticmethod
