@@ -88,3 +88,25 @@ def test_ranks_agree_to_skip_when_only_one_sees_a_nonfinite_loss(tmp_path):
     assert skipped0 == skipped1 == [0, 1]
     for a, b in zip(p0, p1, strict=True):
         assert torch.equal(a, b)
+
+
+def test_close_releases_each_stage_ddp_and_destroys_its_group(tmp_path):
+    import torch.distributed as dist
+
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
+    )
+    try:
+        gw = GreedyWrapper(make_blocks(4), splits=2, devices=["cpu", "cpu"], distributed=True)
+        gw.train_step(torch.randn(4, 8), torch.randn(4, 8), 0.5)
+        groups = [t.group for t in gw._trainers]
+        assert all(g is not None and g in dist.distributed_c10d._world.pg_map for g in groups)
+        assert all(type(t.runner).__name__ == "DistributedDataParallel" for t in gw._trainers)
+        gw.close()
+        assert all(t.group is None and t.runner is t.unit for t in gw._trainers)
+        live = dist.distributed_c10d._world.pg_map
+        assert not any(group in live for group in groups)
+        with pytest.raises(RuntimeError, match="closed"):
+            gw.train_step(torch.randn(4, 8), torch.randn(4, 8), 0.5)
+    finally:
+        dist.destroy_process_group()
