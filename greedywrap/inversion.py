@@ -84,9 +84,20 @@ class InvertedStage:
         keep = checkpoint_positions(len(blocks), checkpoints)
         saved = {0: inp}
         x = inp
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(
+                f"invertible: the stage input is a {type(x).__name__}; MEL inverts blocks "
+                "that map one tensor to one tensor"
+            )
         with torch.no_grad(), autocast():
             for j, block in enumerate(blocks, start=1):
                 x = block(x, *args, **kwargs)
+                if not isinstance(x, torch.Tensor):
+                    raise TypeError(
+                        f"invertible: block {j - 1} of the stage returned a "
+                        f"{type(x).__name__}; MEL inverts blocks that map one tensor to one "
+                        "tensor (train states of several tensors with invertible=False)"
+                    )
                 if j in keep:
                     saved[j] = x
         return cls(blocks, saved, x.detach().requires_grad_(True), args, kwargs)

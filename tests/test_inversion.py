@@ -126,3 +126,16 @@ def test_checkpoint_positions_are_evenly_spread():
     assert checkpoint_positions(8, 1) == {4}
     assert checkpoint_positions(8, 3) == {2, 4, 6}
     assert checkpoint_positions(3, 10) == {1, 2}
+
+
+def test_mel_refuses_a_block_whose_state_is_not_one_tensor():
+    class Pair(torch.nn.Module):
+        def forward(self, x):
+            return (x, x)
+
+        def inverse(self, y):
+            return y[0]
+
+    gw = GreedyWrapper([Pair()], invertible=True, output=0)
+    with pytest.raises(TypeError, match="invertible: block 0 of the stage returned a tuple"):
+        gw.train_step(torch.randn(2, 3), torch.randn(2, 3))
