@@ -238,12 +238,13 @@ def track_memory(
     (``torch.mm(a, b, out=buf)`` with a too-small ``buf``, ``resize_``), from the moment it is
     allocated until it is freed. Memory that a kernel allocates and frees inside one operator
     call, without handing it back as a tensor, is invisible to PyTorch's dispatcher and so is
-    **not** counted: the input/output layout reorders and scratchpads of oneDNN convolutions,
-    im2col column buffers, and the like. The peak is then low by that operator's workspace if
-    the peak falls inside it; a CPU conv + GroupNorm training step reads about 2 MiB (5-12%)
-    low. ``torch.profiler.profile(profile_memory=True)`` sees those allocations, at a much
-    higher cost; on CUDA the allocator's statistics include workspaces, so the CUDA numbers
-    have no such gap.
+    **not** counted: the scratch buffers of oneDNN convolutions (as large as the output for a
+    small-channel input), the im2col column buffers of the slow convolution path, and the
+    like. The peak then reads low by that workspace when it falls inside such a call; a CPU
+    conv + GroupNorm training step reads about 2 MiB (5-12%) low.
+    ``torch.profiler.profile(profile_memory=True)`` sees those allocations, at a much higher
+    cost; on CUDA the allocator's statistics include workspaces, so the CUDA numbers have no
+    such gap.
 
     Args:
         devices: CUDA devices to measure (all visible ones by default). Their allocator peak
