@@ -52,6 +52,16 @@ def test_growth_of_a_storage_that_existed_before_counts_until_it_is_freed():
     assert report.peak_bytes["cpu"] == 2 * MIB
 
 
+def test_scratch_memory_inside_one_kernel_is_not_counted_as_documented():
+    # The documented limit: a CPU convolution's kernel-internal scratch (oneDNN buffers or an
+    # im2col column buffer) never reaches the dispatcher, so exactly the output is counted.
+    conv = nn.Conv2d(2, 32, 3, padding=1)
+    x = torch.randn(8, 2, 64, 64)
+    with torch.no_grad(), track_memory(rss=False) as report:
+        y = conv(x)
+    assert report.peak_bytes["cpu"] == y.numel() * y.element_size() == 4 * MIB
+
+
 def test_tensors_freed_during_backward_are_released():
     w = torch.randn(256, 256, requires_grad=True)
     with track_memory() as report:
