@@ -296,19 +296,16 @@ OVERHEAD_METHODS = ("gleam", "gleam_half")
 
 
 def standalone_stage_peak(
-    cfg: ProblemConfig, data: dict[str, torch.Tensor], start: int, stop: int, device: torch.device
+    blocks: list[nn.Module], meas: Measurement, x0, target, device: torch.device
 ) -> int:
-    """Step peak of blocks ``start:stop`` of the network trained alone, end to end.
+    """Step peak of ``blocks`` (one stage's blocks) trained alone, end to end.
 
     The floor that greedy training approaches: a plain PyTorch step (forward through these
     blocks only, the same loss, backward, Adam step, ``zero_grad(set_to_none=True)``) on an
     input of the network's input shape, with no wrapper, measured like every method (warm-up
     step first, then one step inside ``track_memory``).
     """
-    blocks = [b.to(device) for b in list(build_network(cfg))[start:stop]]
     opt = torch.optim.Adam([p for b in blocks for p in b.parameters()], lr=LR)
-    meas = make_measurement(data, device)
-    x0, target = meas.zero_filled(), data["target"].to(device)
 
     def step() -> None:
         x = x0
@@ -320,7 +317,8 @@ def standalone_stage_peak(
 
     step()
     _sync(device)
-    gc.collect()
+    # No gc.collect() here (a second each on a big heap): the caller collects once per model,
+    # and a step's storages are freed by reference counting, not by the cycle collector.
     with track_memory(
         [device] if device.type == "cuda" else [], cpu=device.type == "cpu", rss=False
     ) as report:
@@ -343,6 +341,12 @@ def add_stage_overhead(
     """
     overhead: dict[str, float] = {}
     cache: dict[tuple[int, int], int] = {}
+    # One copy of the network serves every stage: a step's memory does not depend on the
+    # weights' values, and each stage gets its own fresh optimizer.
+    gc.collect()
+    blocks = [b.to(device) for b in build_network(cfg)]
+    meas = make_measurement(data, device)
+    x0, target = meas.zero_filled(), data["target"].to(device)
     for row in rows:
         row["largest_stage_peak"] = row["overhead_vs_stage"] = None
         if row["method"] not in OVERHEAD_METHODS:
@@ -351,7 +355,9 @@ def add_stage_overhead(
         for size in even_balance(cfg.unrolls, row["kwargs"]["splits"]):
             key = (start, start + size)
             if key not in cache:
-                cache[key] = standalone_stage_peak(cfg, data, *key, device)
+                cache[key] = standalone_stage_peak(
+                    blocks[key[0] : key[1]], meas, x0, target, device
+                )
             peaks.append(cache[key])
             start += size
         row["largest_stage_peak"] = max(peaks)
