@@ -6,7 +6,9 @@ P-GLEAM on two workers) trains the same network (same seed, same batch) in one p
 warm-up step creates the optimizer state, timed steps give the median s/iter, a hand-written
 loop over the wrapper's own stages splits that time into forward+loss and backward+step, and
 one more step inside ``greedywrap.track_memory`` gives the peak memory per device. Each number
-is cross-checked by the RSS growth of one step in a fresh subprocess per method.
+is cross-checked by the RSS growth of one step in a fresh subprocess per method. For the GLEAM
+rows, each stage's blocks are also trained alone (plain PyTorch, same input shape): GLEAM's
+peak over the largest of those standalone peaks is greedy training's memory overhead.
 
     .venv/bin/python benchmarks/memory_time.py [--quick | --smoke] [--json PATH]
         [--models pgd,modl,cine] [--repeats N] [--device cpu|cuda]
@@ -31,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from greedywrap import GreedyWrapper, format_bytes, track_memory
+from greedywrap import GreedyWrapper, even_balance, format_bytes, track_memory
 from mri.models import MoDL, UnrolledPGD, complex_l1_loss
 from mri.physics import Measurement, SenseOp
 
@@ -287,6 +289,83 @@ def run_method(cfg, data, key, label, kwargs, device, repeats) -> dict[str, Any]
     return row
 
 
+# ---------------------------------------------------------------------------- greedy overhead
+
+# GLEAM rows whose overhead over their largest stage is measured, with their stage count.
+OVERHEAD_METHODS = ("gleam", "gleam_half")
+
+
+def standalone_stage_peak(
+    blocks: list[nn.Module], meas: Measurement, x0, target, device: torch.device
+) -> int:
+    """Step peak of ``blocks`` (one stage's blocks) trained alone, end to end.
+
+    The floor that greedy training approaches: a plain PyTorch step (forward through these
+    blocks only, the same loss, backward, Adam step, ``zero_grad(set_to_none=True)``) on an
+    input of the network's input shape, with no wrapper, measured like every method (warm-up
+    step first, then one step inside ``track_memory``).
+    """
+    opt = torch.optim.Adam([p for b in blocks for p in b.parameters()], lr=LR)
+
+    def step() -> None:
+        x = x0
+        for block in blocks:
+            x = block(x, meas)
+        complex_l1_loss(x, target).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()
+    _sync(device)
+    # No gc.collect() here (a second each on a big heap): the caller collects once per model,
+    # and a step's storages are freed by reference counting, not by the cycle collector.
+    with track_memory(
+        [device] if device.type == "cuda" else [], cpu=device.type == "cpu", rss=False
+    ) as report:
+        step()
+        _sync(device)
+    return report.max_peak
+
+
+def add_stage_overhead(
+    cfg: ProblemConfig,
+    data: dict[str, torch.Tensor],
+    rows: list[dict[str, Any]],
+    device: torch.device,
+) -> dict[str, float]:
+    """Fill ``largest_stage_peak`` and ``overhead_vs_stage`` of the GLEAM rows.
+
+    ``overhead_vs_stage`` = GLEAM's step peak / the largest standalone stage peak: what greedy
+    training costs above the memory of its biggest stage trained on its own (ideal 1.0; the
+    goal is <= 1.1). Other rows get ``None``. Returns ``{method: overhead}``.
+    """
+    overhead: dict[str, float] = {}
+    cache: dict[tuple[int, int], int] = {}
+    # One copy of the network serves every stage: a step's memory does not depend on the
+    # weights' values, and each stage gets its own fresh optimizer.
+    gc.collect()
+    blocks = [b.to(device) for b in build_network(cfg)]
+    meas = make_measurement(data, device)
+    x0, target = meas.zero_filled(), data["target"].to(device)
+    for row in rows:
+        row["largest_stage_peak"] = row["overhead_vs_stage"] = None
+        if row["method"] not in OVERHEAD_METHODS:
+            continue
+        peaks, start = [], 0
+        for size in even_balance(cfg.unrolls, row["kwargs"]["splits"]):
+            key = (start, start + size)
+            if key not in cache:
+                cache[key] = standalone_stage_peak(
+                    blocks[key[0] : key[1]], meas, x0, target, device
+                )
+            peaks.append(cache[key])
+            start += size
+        row["largest_stage_peak"] = max(peaks)
+        row["overhead_vs_stage"] = row["peak"] / max(peaks)
+        overhead[row["method"]] = row["overhead_vs_stage"]
+    return overhead
+
+
 # ---------------------------------------------------------------------------- RSS cross-check
 
 
@@ -379,17 +458,20 @@ def print_table(cfg: ProblemConfig, rows: list[dict[str, Any]], device: torch.de
     )
     head = (
         f"| {'method':<26} | {'peak':>10} | {'x less':>6} | {'+state':>10} | {'x less':>6} "
-        f"| {'s/iter':>7} | {'x e2e':>5} | {'fwd s':>6} | {'bwd s':>6} | {'RSS (fresh)':>11} |"
+        f"| {'s/iter':>7} | {'x e2e':>5} | {'fwd s':>6} | {'bwd s':>6} | {'RSS (fresh)':>11} "
+        f"| {'/ stage':>7} |"
     )
     print(head)
     print("|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|")
     for r in rows:
         rss = "n/a" if r.get("rss_subprocess") is None else format_bytes(r["rss_subprocess"])
+        over = r.get("overhead_vs_stage")
         print(
             f"| {r['label']:<26} | {format_bytes(r['peak']):>10} | {r['x_less_memory']:>6.2f} "
             f"| {format_bytes(r['peak_plus_state']):>10} | {r['x_less_memory_with_state']:>6.2f} "
             f"| {r['s_per_iter']:>7.3f} | {r['time_ratio']:>5.2f} | {_fmt_s(r['forward_s']):>6} "
-            f"| {_fmt_s(r['backward_s']):>6} | {rss:>11} |"
+            f"| {_fmt_s(r['backward_s']):>6} | {rss:>11} "
+            f"| {'n/a' if over is None else f'{over:.2f}':>7} |"
         )
 
 
@@ -438,7 +520,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(
         "# peak: per-step peak of live tensor storage (CPU) or allocator (CUDA), excluding "
-        "parameters and optimizer state; +state adds them. x less = end-to-end / method."
+        "parameters and optimizer state; +state adds them. x less = end-to-end / method. "
+        "/ stage = GLEAM's peak / its largest stage's peak trained alone (goal <= 1.1)."
     )
     result: dict[str, Any] = {
         "machine": info,
@@ -456,10 +539,15 @@ def main(argv: list[str] | None = None) -> int:
                 for key, label, kwargs in methods(cfg.unrolls, device, cfg.model)
             ]
             add_ratios(rows)
+            overhead = add_stage_overhead(cfg, data, rows, device)
             if not args.no_rss and device.type == "cpu":
                 rss_cross_check(cfg, data, rows, threads, workdir)
             print_table(cfg, rows, device)
-            result["models"][name] = {"config": asdict(cfg), "methods": rows}
+            result["models"][name] = {
+                "config": asdict(cfg),
+                "methods": rows,
+                "greedy_overhead": overhead,
+            }
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

@@ -1,8 +1,9 @@
 """Peak-memory measurement of a piece of work, per device.
 
 On CUDA the numbers come from the caching allocator's statistics. On CPU, where PyTorch keeps
-no such statistics, they come from tracking every tensor storage created inside the window and
-its release, which gives the CPU analogue of ``torch.cuda.max_memory_allocated``. The process
+no such statistics, they come from tracking every tensor storage created (or grown) inside the
+window and its release, which gives the CPU analogue of ``torch.cuda.max_memory_allocated``
+short of the scratch memory a kernel frees before it returns. The process
 RSS peak, sampled by a background thread, is reported beside it as a cross-check.
 """
 
@@ -36,13 +37,15 @@ def format_bytes(n: float | None) -> str:
 
 @dataclass
 class MemoryReport:
-    """What :func:`track_memory` measured.
+    """What [`track_memory`][greedywrap.memory.track_memory] measured.
 
     Attributes:
         peak_bytes: per device (``"cpu"``, ``"cuda:0"``, ...), the peak bytes of tensor memory
             allocated inside the window above what was allocated when it opened. On CPU this
-            counts the storages of tensors created inside the window (tensors that existed
-            before, such as parameters, are not counted); on CUDA it is
+            counts the storages of tensors created inside the window and the growth of
+            storages resized inside it (tensors that existed before, such as parameters, are
+            not counted; nor are workspaces a kernel frees before it returns, see
+            [`track_memory`][greedywrap.memory.track_memory]); on CUDA it is
             ``max_memory_allocated - memory_allocated`` at the start.
         rss_peak_bytes: the growth of the process resident set size at its sampled peak, or
             ``None`` where ``/proc`` is not available.
@@ -62,13 +65,44 @@ class MemoryReport:
         return ", ".join(parts)
 
 
+def _writes_an_argument(func: Any) -> bool:
+    """Whether an operator may write (and so resize) one of its tensor arguments (``out=``,
+    ``resize_``, in-place ops): the only way a storage that already exists can grow."""
+    schema = getattr(func, "_schema", None)
+    if schema is None:
+        return True  # unknown operator: check its arguments rather than miss a resize
+    return any(a.alias_info is not None and a.alias_info.is_write for a in schema.arguments)
+
+
+def _cpu_storages(tree: Any) -> dict[int, torch.UntypedStorage]:
+    """The plain CPU storages of the tensors in ``tree``, by identity."""
+    found: dict[int, torch.UntypedStorage] = {}
+    for t in tree_leaves(tree):
+        if isinstance(t, torch.Tensor) and t.device.type == "cpu" and t.layout == torch.strided:
+            try:
+                storage = t.untyped_storage()
+            except (RuntimeError, NotImplementedError):
+                continue  # tensors without a plain storage (nested, functional wrappers)
+            found[id(storage)] = storage
+    return found
+
+
 class _LiveStorageTracker(TorchDispatchMode):
-    """Counts bytes of CPU tensor storages created while active, until each is freed."""
+    """Counts bytes of CPU tensor storages allocated while active, until each is freed.
+
+    Two events allocate storage that the dispatcher shows: an operator returns a tensor on a
+    new storage, or an operator that writes an argument (``out=``, ``resize_``) grows that
+    argument's storage. Both are counted, the second by the growth only (a storage that
+    existed before the window counts from its size then). What a kernel allocates and frees
+    inside itself never reaches the dispatcher and is not counted (see ``track_memory``).
+    """
 
     def __init__(self) -> None:
         super().__init__()
         self._lock = threading.Lock()
-        self._live: dict[int, tuple[int, weakref.finalize]] = {}
+        # storage id -> [bytes counted for it, its finalizer]; a list so a resize can update it
+        self._live: dict[int, list[Any]] = {}
+        self._writes: dict[Any, bool] = {}
         self.current = 0
         self.peak = 0
 
@@ -78,36 +112,35 @@ class _LiveStorageTracker(TorchDispatchMode):
             if entry is not None:
                 self.current -= entry[0]
 
+    def _count(self, key: int, storage: torch.UntypedStorage, nbytes: int) -> None:
+        """Add ``nbytes`` to the storage's entry (opening one, freed with it, if needed)."""
+        with self._lock:
+            entry = self._live.get(key)
+            if entry is None:
+                fin = weakref.finalize(storage, self._release, key)
+                self._live[key] = [nbytes, fin]
+            else:
+                entry[0] += nbytes
+            self.current += nbytes
+            self.peak = max(self.peak, self.current)
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         kwargs = kwargs or {}
+        writes = self._writes.get(func)
+        if writes is None:
+            writes = self._writes[func] = _writes_an_argument(func)
+        inputs = _cpu_storages((args, kwargs))
+        # Sizes before the call, for operators that may resize an argument in place.
+        before = {k: s.nbytes() for k, s in inputs.items()} if writes else {}
         out = func(*args, **kwargs)
-        inputs: set[int] | None = None
-        for t in tree_leaves(out):
-            if not isinstance(t, torch.Tensor) or t.device.type != "cpu":
-                continue
-            try:
-                storage = t.untyped_storage()
-            except (RuntimeError, NotImplementedError):
-                continue  # tensors without a plain storage (sparse, nested) are not tracked
-            key = id(storage)
-            if key in self._live:
-                continue
-            if inputs is None:
-                inputs = {
-                    id(a.untyped_storage())
-                    for a in tree_leaves((args, kwargs))
-                    if isinstance(a, torch.Tensor)
-                    and a.device.type == "cpu"
-                    and a.layout == torch.strided
-                }
-            if key in inputs:
+        for key, nbytes in before.items():
+            grown = inputs[key].nbytes() - nbytes
+            if grown > 0:
+                self._count(key, inputs[key], grown)
+        for key, storage in _cpu_storages(out).items():
+            if key in inputs or key in self._live:
                 continue  # a view or an in-place result of a tensor that already existed
-            nbytes = storage.nbytes()
-            with self._lock:
-                fin = weakref.finalize(storage, self._release, key)
-                self._live[key] = (nbytes, fin)
-                self.current += nbytes
-                self.peak = max(self.peak, self.current)
+            self._count(key, storage, storage.nbytes())
         return out
 
     def detach_all(self) -> None:
@@ -123,7 +156,7 @@ _ACTIVE_LOCK = threading.Lock()
 
 @contextmanager
 def worker_scope() -> Iterator[None]:
-    """Extend an active :func:`track_memory` window to the calling thread.
+    """Extend an active [`track_memory`][greedywrap.memory.track_memory] window to this thread.
 
     Dispatch modes are thread-local, so worker threads that run tensor work on behalf of a
     measured step (greedywrap's asynchronous engine) enter this scope around that work.
@@ -200,6 +233,19 @@ def track_memory(
         >>> report.peak_bytes["cpu"] >= 3 * 4 * 1024 * 1024
         True
 
+    What the CPU number counts, and what it cannot: every storage that an operator returns
+    and every growth of an existing storage by an operator that writes an argument
+    (``torch.mm(a, b, out=buf)`` with a too-small ``buf``, ``resize_``), from the moment it is
+    allocated until it is freed. Memory that a kernel allocates and frees inside one operator
+    call, without handing it back as a tensor, is invisible to PyTorch's dispatcher and so is
+    **not** counted: the scratch buffers of oneDNN convolutions (as large as the output for a
+    small-channel input), the im2col column buffers of the slow convolution path, and the
+    like. The peak then reads low by that workspace when it falls inside such a call; a CPU
+    conv + GroupNorm training step reads about 2 MiB (5-12%) low.
+    ``torch.profiler.profile(profile_memory=True)`` sees those allocations, at a much higher
+    cost; on CUDA the allocator's statistics include workspaces, so the CUDA numbers have no
+    such gap.
+
     Args:
         devices: CUDA devices to measure (all visible ones by default). Their allocator peak
             statistics are reset when the window opens.
@@ -208,7 +254,7 @@ def track_memory(
         rss_interval: seconds between RSS samples.
 
     Yields:
-        A :class:`MemoryReport`, filled in when the block exits.
+        A [`MemoryReport`][greedywrap.memory.MemoryReport], filled in when the block exits.
 
     Raises:
         RuntimeError: a CPU window is opened inside another one.
@@ -255,7 +301,10 @@ def track_memory(
 def measure_peak_memory(
     fn: Callable[..., Any], *args: Any, devices: Sequence[Any] | None = None, **kwargs: Any
 ) -> tuple[Any, MemoryReport]:
-    """Run ``fn(*args, **kwargs)`` inside :func:`track_memory`; return its result and the report."""
+    """Run ``fn(*args, **kwargs)`` in [`track_memory`][greedywrap.memory.track_memory].
+
+    Returns its result and the [`MemoryReport`][greedywrap.memory.MemoryReport].
+    """
     with track_memory(devices) as report:
         result = fn(*args, **kwargs)
     return result, report

@@ -3,7 +3,8 @@
 Both scripts run in subprocesses at their ``--smoke`` sizes; the tests check the JSON they
 write and the invariants that must hold on any machine: GLEAM (M=N) and checkpointing need less
 step memory than end-to-end, GLEAM trains at least as deep within end-to-end's budget, and
-every time is positive. Timings are not compared: this machine is shared.
+every time is positive, and GLEAM's overhead over its largest stage trained alone is reported.
+Timings are not compared: this machine is shared.
 """
 
 from __future__ import annotations
@@ -70,6 +71,27 @@ def test_gleam_and_checkpointing_need_less_step_memory_than_end_to_end(memory_ti
         assert peak["gleam"] < peak["gleam_half"] < peak["e2e"], name
         if "mel" in peak:  # inversion stores no activations of the recovered blocks
             assert peak["mel"] < peak["e2e"], name
+
+
+@pytest.mark.slow
+def test_memory_time_reports_greedy_overhead_over_the_largest_standalone_stage(
+    memory_time: dict,
+) -> None:
+    for name, entry in memory_time["models"].items():
+        rows = {r["method"]: r for r in entry["methods"]}
+        measured = {"gleam", "gleam_half"}
+        assert set(entry["greedy_overhead"]) == measured, name
+        for key, r in rows.items():
+            if key not in measured:
+                assert r["overhead_vs_stage"] is None and r["largest_stage_peak"] is None
+                continue
+            stage = r["largest_stage_peak"]
+            # A stage trained alone holds at most what the whole network holds end to end.
+            assert 0 < stage <= rows["e2e"]["peak"], (name, key)
+            assert r["overhead_vs_stage"] == pytest.approx(r["peak"] / stage), (name, key)
+            assert entry["greedy_overhead"][key] == r["overhead_vs_stage"]
+        # Half as many stages means twice the blocks in the largest one.
+        assert rows["gleam"]["largest_stage_peak"] < rows["gleam_half"]["largest_stage_peak"]
 
 
 @pytest.mark.slow

@@ -30,6 +30,38 @@ def test_views_and_in_place_ops_of_existing_tensors_are_not_counted():
     assert report.peak_bytes["cpu"] == 0
 
 
+def test_out_argument_resized_inside_the_window_is_counted():
+    a = torch.randn(512, 512)  # 1 MiB, created before the window: not counted
+    with track_memory(rss=False) as report:
+        out = torch.empty(0)
+        torch.mm(a, a, out=out)  # the kernel grows `out` to 1 MiB in place
+    assert out.shape == (512, 512)
+    assert report.peak_bytes["cpu"] == MIB
+
+
+def test_growth_of_a_storage_that_existed_before_counts_until_it_is_freed():
+    a = torch.randn(512, 512)
+    buf = torch.empty(0)  # exists before the window: only its growth is the window's
+    with track_memory(rss=False) as report:
+        torch.add(a, 1, out=buf)  # +1 MiB
+        buf.resize_(1024, 512)  # +1 MiB more
+        del buf  # frees all 2 MiB counted for it
+        later = torch.empty(MIB, dtype=torch.uint8)
+        del later
+    # Counting the growth gives 2 MiB; forgetting to release it would give 3 MiB.
+    assert report.peak_bytes["cpu"] == 2 * MIB
+
+
+def test_scratch_memory_inside_one_kernel_is_not_counted_as_documented():
+    # The documented limit: a CPU convolution's kernel-internal scratch (oneDNN buffers or an
+    # im2col column buffer) never reaches the dispatcher, so exactly the output is counted.
+    conv = nn.Conv2d(2, 32, 3, padding=1)
+    x = torch.randn(8, 2, 64, 64)
+    with torch.no_grad(), track_memory(rss=False) as report:
+        y = conv(x)
+    assert report.peak_bytes["cpu"] == y.numel() * y.element_size() == 4 * MIB
+
+
 def test_tensors_freed_during_backward_are_released():
     w = torch.randn(256, 256, requires_grad=True)
     with track_memory() as report:
