@@ -100,9 +100,10 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
                 + "), H and W >= 8"
                 + ("" if rank == 2 else ", the first >= 2")
             )
-    for flag in ("coils", "num_train", "num_val", "num_test"):
-        if getattr(args, flag) < 1:
-            raise _CliError(f"--{flag.replace('_', '-')}: got {getattr(args, flag)}; must be >= 1")
+    for flag, least in (("coils", 1), ("num_train", 0), ("num_val", 0), ("num_test", 0)):
+        if getattr(args, flag) < least:
+            name = flag.replace("_", "-")
+            raise _CliError(f"--{name}: got {getattr(args, flag)}; must be >= {least}")
     files = simulate_dataset(
         args.out, kind=args.kind, num_train=args.num_train, num_val=args.num_val,
         num_test=args.num_test, shape=tuple(args.shape) if args.shape else None,
@@ -130,6 +131,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     cfg = _load(args)
     _set_threads(args)
+    print(f"torch threads: {args.threads}", flush=True)
     out = Path(args.out)
     args.run_folder = out  # for the Ctrl-C message
     result = train(
@@ -202,8 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
         "simulate",
         help="generate the built-in simulated dataset",
         description="Generate simulated multi-coil data in the h5 slice format, with train/, "
-        "val/ and test/ folders. Counts are files; each 2d file holds 4 slices, each 3d file "
-        "one volume, each cine file one series.",
+        "val/ and test/ folders. The counts are entries: 2d slices (4 per file), 3d volumes or "
+        "cine series (1 per file).",
         formatter_class=fmt,
         parents=[debug],
     )
@@ -217,9 +219,14 @@ def build_parser() -> argparse.ArgumentParser:
         "32 64 64, 12 64 64",
     )
     s.add_argument("--coils", type=int, default=8, help="receive coils")
-    s.add_argument("--num-train", type=int, default=32, help="training files (see above)")
-    s.add_argument("--num-val", type=int, default=8, help="validation files")
-    s.add_argument("--num-test", type=int, default=8, help="test files")
+    s.add_argument(
+        "--num-train",
+        type=int,
+        default=32,
+        help="training slices (volumes for 3d, series for cine)",
+    )
+    s.add_argument("--num-val", type=int, default=8, help="validation slices (volumes, series)")
+    s.add_argument("--num-test", type=int, default=8, help="test slices (volumes, series)")
     s.add_argument("--seed", type=int, default=0, help="random seed of the phantoms")
     s.set_defaults(func=_cmd_simulate)
 
