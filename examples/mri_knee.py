@@ -22,7 +22,9 @@ from pathlib import Path
 
 import torch
 
-from mri.config import Config, load_config
+from mri.checkpoint import CheckpointError
+from mri.config import Config, ConfigError, load_config
+from mri.data.h5format import DataFormatError
 from mri.evaluate import evaluate, format_table
 from mri.pipeline import prepare_builtin
 from mri.train import default_threads, load_trained, train
@@ -97,10 +99,16 @@ def main(
     print(f"model: {cfg.model.type} N={cfg.model.num_unrolls}, trained by "
           f"{describe_method(cfg)}; {args.threads} thread(s)")  # fmt: skip
 
-    result = train(
-        cfg, out, data, resume=args.resume, overwrite=args.overwrite,
-        progress=not args.no_progress, check_splits=("test",),
-    )  # fmt: skip
+    try:
+        result = train(
+            cfg, out, data, resume=args.resume, overwrite=args.overwrite,
+            progress=not args.no_progress, check_splits=("test",),
+        )  # fmt: skip
+    except (CheckpointError, ConfigError, DataFormatError) as err:
+        # A run folder already in use, a config this machine cannot run, a broken data file:
+        # one line, as the CLI prints them.
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
     print(f"trained {result.steps} steps in {time.perf_counter() - start:.0f} s; best validation "
           f"nRMSE {result.best_val_nrmse:.4f} at step {result.best_step}")  # fmt: skip
 

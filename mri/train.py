@@ -283,7 +283,8 @@ def holds_run(out_dir: str | os.PathLike) -> bool:
 
 
 def clear_run(out_dir: str | os.PathLike, keep: Path | None = None) -> None:
-    """Empty ``out_dir`` for a new run: every file and folder in it (except ``keep``)."""
+    """Empty ``out_dir`` for a new run: every file and folder in it (except what holds ``keep``,
+    the data the new run reads)."""
     out = Path(out_dir)
     keep = keep.resolve() if keep is not None else None
     for entry in out.iterdir():
@@ -295,19 +296,24 @@ def clear_run(out_dir: str | os.PathLike, keep: Path | None = None) -> None:
             entry.unlink()
 
 
-def check_data(root: str | os.PathLike, cfg: Config, splits: tuple[str, ...]) -> None:
+def check_data(root: str | os.PathLike, cfg: Config, splits: tuple[str, ...]) -> dict[str, Any]:
     """Open every file of ``splits`` under ``root`` now, so a broken one stops the run early.
+
+    Returns:
+        The loader of each split (``train`` shuffled, the others in order).
 
     Raises:
         DataFormatError: a split folder is missing or empty, or a file is invalid; a raw
             fastMRI file gets a hint to convert it with ``python -m mri prepare fastmri``.
         ConfigError: the masks of ``cfg.data`` cannot be drawn on the data's shape.
     """
+    loaders = {}
     for split in splits:
         try:
-            make_loader(root, split, cfg, shuffle=split == "train")
+            loaders[split] = make_loader(root, split, cfg, shuffle=split == "train")
         except DataFormatError as err:
             raise DataFormatError(f"{err}{_raw_fastmri_hint(Path(root) / split)}") from err
+    return loaders
 
 
 def _raw_fastmri_hint(folder: Path) -> str:
@@ -387,17 +393,16 @@ def train(
         raise CheckpointError(f"out: {out} is a file; expected a run folder")
     last_path = out / "last.pt"
     state = None
+    clear = False
     if resume and last_path.exists():
         state = load_checkpoint(last_path)
     elif holds_run(out):
-        if overwrite:
-            clear_run(out, keep=Path(data_dir) if data_dir is not None else None)
-        elif not resume:
+        if not (resume or overwrite):
             raise CheckpointError(
                 f"out: {out} already holds a run ({', '.join(_run_files(out))}); pass --resume "
                 "to continue it or --overwrite to delete it and start again"
             )
-    out.mkdir(parents=True, exist_ok=True)
+        clear = overwrite
     changes: dict[str, tuple] = {}
     if state is not None:
         changes = resume_changes(config_from_dict(state["config"]), cfg, last_path)
@@ -407,13 +412,17 @@ def train(
         data_root = prepare_builtin(cfg, out.parent)
         print(f"data: built-in simulated {cfg.data.kind} data in {data_root}", flush=True)
     extra = tuple(s for s in check_splits if s not in ("train", "val"))
-    check_data(data_root, cfg, ("train", "val", *extra))
+    loaders = check_data(data_root, cfg, ("train", "val", *extra))
     # Seeded after the data exists, so a cached or a freshly generated dataset start alike.
     _seed_everything(cfg.train.seed)
     gw = build_wrapper(build_model(cfg), cfg, nonfinite=nonfinite)
     try:
-        return _run(cfg, gw, out, data_root, state, changes, resume, progress, max_steps,
-                    tensorboard)  # fmt: skip
+        # Only now, with the config, the data and the devices checked, is the old run deleted.
+        if clear:
+            clear_run(out, keep=data_root)
+        out.mkdir(parents=True, exist_ok=True)
+        return _run(cfg, gw, out, loaders["train"], loaders["val"], state, changes, resume,
+                    progress, max_steps, tensorboard)  # fmt: skip
     finally:
         gw.close()
 
@@ -422,11 +431,10 @@ def _run_files(out: Path) -> list[str]:
     return [name for name in RUN_FILES if (out / name).exists()]
 
 
-def _run(cfg, gw, out, data_root, state, changes, resume, progress, max_steps, tensorboard):
+def _run(cfg, gw, out, train_loader, val_loader, state, changes, resume, progress, max_steps,
+         tensorboard):  # fmt: skip
     t = cfg.train
     last_path, best_path = out / "last.pt", out / "best.pt"
-    train_loader = make_loader(data_root, "train", cfg, shuffle=True)
-    val_loader = make_loader(data_root, "val", cfg, shuffle=False)
 
     step, best_step, best = 0, 0, math.inf
     history: list[dict[str, Any]] = []

@@ -51,6 +51,37 @@ def run_dir(tmp_path_factory) -> Path:
     return root / "run"
 
 
+# Runs each command line of a JSON list (stdin) in its own process, forked from this one after
+# `mri.cli` and torch are imported once: real exit statuses and real stderr, as `python -m mri`
+# gives them, without paying the import for each of dozens of cases.
+DRIVER = r"""
+import json, os, sys, tempfile, traceback
+from mri.cli import main
+
+results = []
+for argv in json.load(sys.stdin):
+    err = tempfile.TemporaryFile()
+    pid = os.fork()
+    if pid == 0:
+        os.dup2(err.fileno(), 2)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+        try:
+            code = main(argv)
+        except SystemExit as exit_:
+            code = exit_.code if isinstance(exit_.code, int) else 1
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    err.seek(0)
+    results.append({"rc": os.waitstatus_to_exitcode(status), "stderr": err.read().decode()})
+print(json.dumps(results))
+"""
+
+
 def _bad_files(tmp: Path) -> dict[str, Path]:
     text = tmp / "notes.txt"
     text.write_text("not a checkpoint\n")
@@ -107,15 +138,40 @@ BAD_INPUTS = [
 ]  # fmt: skip
 
 
-@pytest.mark.parametrize(("args", "fragments"), BAD_INPUTS, ids=lambda v: " ".join(v)[:60])
-def test_every_subcommand_refuses_bad_input_in_one_line(run_dir, tmp_path, args, fragments):
-    files = _bad_files(tmp_path)
-    fill = {"run": str(run_dir), "tmp": str(tmp_path), **{k: str(v) for k, v in files.items()}}
+@pytest.fixture(scope="module")
+def bad_input_results(run_dir, tmp_path_factory) -> list[tuple[subprocess.CompletedProcess, dict]]:
     before = {p.name: p.read_bytes() for p in run_dir.glob("*.pt")}
-    done = mri(*[a.format(**fill) for a in args])
-    assert_one_line_error(done, *[f.format(**fill) for f in fragments])
+    fills, argvs = [], []
+    for args, _ in BAD_INPUTS:
+        tmp = tmp_path_factory.mktemp("bad")
+        files = _bad_files(tmp)
+        fill = {"run": str(run_dir), "tmp": str(tmp), **{k: str(v) for k, v in files.items()}}
+        fills.append(fill)
+        argvs.append([a.format(**fill) for a in args])
+    done = subprocess.run(
+        [sys.executable, "-c", DRIVER], input=json.dumps(argvs),
+        capture_output=True, text=True, timeout=900, cwd=ROOT, env=ENV,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    results = json.loads(done.stdout.splitlines()[-1])
     # No refusal touched the finished run.
     assert {p.name: p.read_bytes() for p in run_dir.glob("*.pt")} == before
+    return [
+        (subprocess.CompletedProcess(argv, r["rc"], "", r["stderr"]), fill)
+        for argv, r, fill in zip(argvs, results, fills, strict=True)
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(BAD_INPUTS)),
+                         ids=[" ".join(a)[:60] for a, _ in BAD_INPUTS])  # fmt: skip
+def test_every_subcommand_refuses_bad_input_in_one_line(bad_input_results, case):
+    done, fill = bad_input_results[case]
+    assert_one_line_error(done, *[f.format(**fill) for f in BAD_INPUTS[case][1]])
+
+
+def test_the_walk_reaches_every_subcommand():
+    subcommands = {"configs", "simulate", "prepare", "train", "evaluate"}
+    assert subcommands <= {args[0] for args, _ in BAD_INPUTS if args}
 
 
 def test_debug_shows_the_traceback_instead(tmp_path):
