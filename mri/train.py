@@ -16,13 +16,11 @@ wrapper with other splits) use ``GreedyWrapper.model_state_dict()`` and
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import json
 import math
 import os
 import random
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +39,17 @@ from mri.config import Config, ConfigError, config_from_dict, config_to_dict
 from mri.data.h5format import DataFormatError
 from mri.models import MoDL, UnrolledPGD, complex_l1_loss
 from mri.pipeline import batch_to_inputs, make_loader, prepare_builtin
+from mri.runs import (
+    append_log_row,
+    clear_run,
+    holds_run,
+    resume_changes,
+    rng_state,
+    run_files,
+    set_rng_state,
+    tensorboard_writer,
+    truncate_log,
+)
 
 __all__ = [
     "NonFiniteLossError",
@@ -51,10 +60,7 @@ __all__ = [
     "validate",
     "load_trained",
     "default_threads",
-    "resume_changes",
     "check_data",
-    "holds_run",
-    "RUN_FILES",
     "CHECKPOINT_FORMAT",
 ]
 
@@ -161,59 +167,6 @@ def validate(gw: GreedyWrapper, loader: Any, max_batches: int | None = None) -> 
     return {k: v / count for k, v in sums.items()}
 
 
-def _rng_state() -> dict[str, Any]:
-    return {
-        "torch": torch.get_rng_state(),
-        "numpy": np.random.get_state()[1].tolist(),
-        "numpy_pos": int(np.random.get_state()[2]),
-        "python": json.dumps(random.getstate()),
-    }
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(
-        ("MT19937", np.asarray(state["numpy"], dtype=np.uint32), state["numpy_pos"], 0, 0.0)
-    )
-    version, internal, gauss = json.loads(state["python"])
-    random.setstate((version, tuple(internal), gauss))
-
-
-def _tensorboard(out: Path, enabled: bool) -> Any:
-    """A SummaryWriter into ``out/tensorboard`` when TensorBoard is installed, else None."""
-    if not enabled:
-        return None
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        return None
-    return SummaryWriter(str(out / "tensorboard"))
-
-
-def _truncate_log(path: Path, step: int) -> None:
-    """Drop log rows written after ``step`` (by a run that stopped before its next checkpoint)."""
-    if not path.exists():
-        return
-    with path.open(newline="") as f:
-        rows = list(csv.DictReader(f))
-    if not rows:
-        return
-    kept = [r for r in rows if int(r["step"]) <= step]
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(kept)
-
-
-def _append_csv(path: Path, row: dict[str, Any]) -> None:
-    new = not path.exists()
-    with path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(row))
-        if new:
-            writer.writeheader()
-        writer.writerow(row)
-
-
 def default_threads() -> int:
     """The intra-op thread count the CLI and examples use unless ``--threads`` is given.
 
@@ -230,70 +183,6 @@ def default_threads() -> int:
     except AttributeError:  # not on Linux
         cores = os.cpu_count() or 1
     return max(1, min(torch.get_num_threads(), cores // 2))
-
-
-# What a resumed run may change, and how each change takes effect. Everything else (data, model,
-# method, splits, devices, precision, batch size, seed) shapes the state in the checkpoint, so a
-# change there is refused rather than silently half-applied.
-_RESUMABLE = {
-    "name", "description", "train.iterations", "train.val_every", "train.log_every",
-    "train.lr", "train.clip_grad_norm", "train.mel_max_error", "train.num_workers",
-}  # fmt: skip
-
-
-def _flatten(raw: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in raw.items():
-        dotted = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{dotted}."))
-        else:
-            flat[dotted] = value
-    return flat
-
-
-def resume_changes(saved: Config, cfg: Config, where: str | os.PathLike) -> dict[str, tuple]:
-    """The config keys a resumed run changes, as ``{key: (old, new)}``.
-
-    Raises:
-        ConfigError: a key that cannot change on resume (data, model, method, splits, ...)
-            differs; the message names it and both values.
-    """
-    old, new = _flatten(config_to_dict(saved)), _flatten(config_to_dict(cfg))
-    changes = {k: (old.get(k), new.get(k)) for k in new if old.get(k) != new.get(k)}
-    for key, (before, after) in changes.items():
-        if key not in _RESUMABLE and not key.startswith("eval."):
-            raise ConfigError(
-                f"{key}: got {after!r} on resume, but {where} was trained with {before!r}; a "
-                "resumed run keeps its data, model and training setup (it may change "
-                f"{', '.join(sorted(_RESUMABLE - {'name', 'description'}))}); start a new "
-                "--out folder or pass --overwrite"
-            )
-    return changes
-
-
-# Files a run writes into its folder; any of them means the folder holds a run.
-RUN_FILES = ("config.yaml", "last.pt", "best.pt", "log.csv", "history.json")
-
-
-def holds_run(out_dir: str | os.PathLike) -> bool:
-    """Whether ``out_dir`` holds (part of) a training run."""
-    out = Path(out_dir)
-    return any((out / name).exists() for name in RUN_FILES)
-
-
-def clear_run(out_dir: str | os.PathLike, keep: Path | None = None) -> None:
-    """Empty ``out_dir`` for a new run: every file and folder in it (except what holds ``keep``,
-    the data the new run reads)."""
-    out = Path(out_dir)
-    keep = keep.resolve() if keep is not None else None
-    for entry in out.iterdir():
-        if keep is not None and (entry.resolve() == keep or entry.resolve() in keep.parents):
-            continue
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry)
-        else:
-            entry.unlink()
 
 
 def check_data(root: str | os.PathLike, cfg: Config, splits: tuple[str, ...]) -> dict[str, Any]:
@@ -360,9 +249,9 @@ def train(
             built-in simulated data (generated into ``out_dir/../data-<name>`` once, then cached).
         resume: continue from ``out_dir/last.pt``; the result equals an uninterrupted run, bit
             for bit (parameters, optimizer and RNG state). With no checkpoint yet, the run
-            starts from step 0 and says so. ``cfg`` may change the keys listed by
-            [`resume_changes`][mri.train.resume_changes] (e.g. ``train.iterations``,
-            ``train.lr``); they take effect and are recorded in ``config.yaml``.
+            starts from step 0 and says so. ``cfg`` may change the keys in
+            ``mri.runs.RESUMABLE`` (e.g. ``train.iterations``, ``train.lr``); they take effect
+            and are recorded in ``config.yaml`` and the checkpoint's ``resumes``.
         overwrite: empty a folder that holds a run and start again.
         progress: show a progress bar; without it, print the log lines as they are written.
         nonfinite: ``"raise"`` (stop with [`NonFiniteLossError`][greedywrap.NonFiniteLossError]
@@ -399,7 +288,7 @@ def train(
     elif holds_run(out):
         if not (resume or overwrite):
             raise CheckpointError(
-                f"out: {out} already holds a run ({', '.join(_run_files(out))}); pass --resume "
+                f"out: {out} already holds a run ({', '.join(run_files(out))}); pass --resume "
                 "to continue it or --overwrite to delete it and start again"
             )
         clear = overwrite
@@ -425,10 +314,6 @@ def train(
                     progress, max_steps, tensorboard)  # fmt: skip
     finally:
         gw.close()
-
-
-def _run_files(out: Path) -> list[str]:
-    return [name for name in RUN_FILES if (out / name).exists()]
 
 
 def _run(cfg, gw, out, train_loader, val_loader, state, changes, resume, progress, max_steps,
@@ -457,8 +342,8 @@ def _run(cfg, gw, out, train_loader, val_loader, state, changes, resume, progres
         step, best_step, best = state["step"], state["best_step"], state["best_val_nrmse"]
         history, skipped = list(state["history"]), state["skipped_updates"]
         resumes = list(state.get("resumes", []))
-        _set_rng_state(state["rng"])
-        _truncate_log(out / "log.csv", step)
+        set_rng_state(state["rng"])
+        truncate_log(out / "log.csv", step)
         if changes:
             resumes.append({"step": step, "changes": {k: list(v) for k, v in changes.items()}})
         said = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items())
@@ -476,7 +361,7 @@ def _run(cfg, gw, out, train_loader, val_loader, state, changes, resume, progres
         return _state(cfg, gw, step, best_step, best, history, skipped, resumes)
 
     end = t.iterations if max_steps is None else min(t.iterations, step + max_steps)
-    writer = _tensorboard(out, tensorboard)
+    writer = tensorboard_writer(out, tensorboard)
     bar = tqdm(total=t.iterations, initial=step, disable=not progress, desc=f"{t.method}")
     batches = _batches(train_loader, step)
     start_time = time.perf_counter()
@@ -502,7 +387,7 @@ def _run(cfg, gw, out, train_loader, val_loader, state, changes, resume, progres
             step += 1
             if step % t.log_every == 0 or step == end:
                 values = [float(v) for v in losses]
-                _append_csv(
+                append_log_row(
                     out / "log.csv",
                     {"step": step, **{f"loss_stage{m}": v for m, v in enumerate(values)}},
                 )
@@ -569,7 +454,7 @@ def _state(cfg, gw, step, best_step, best, history, skipped, resumes) -> dict[st
         "best_val_nrmse": best,
         "history": history,
         "skipped_updates": skipped + sum(gw.skipped_updates),
-        "rng": _rng_state(),
+        "rng": rng_state(),
     }
 
 
