@@ -1,4 +1,4 @@
-"""``python -m mri``: see :mod:`mri.cli`."""
+"""``python -m mri``: the command line of `mri.cli`."""
 
 import sys
 

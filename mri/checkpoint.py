@@ -2,17 +2,19 @@
 
 A checkpoint is written to a temporary file in the same folder, flushed and fsync'ed, then
 renamed over the old one, so a crash during a write never leaves a half-written checkpoint
-under the real name. Loading uses ``torch.load(weights_only=True)``: a checkpoint file can hold
-tensors and plain containers, never code.
+under the real name. The file gets the permissions of any file the user creates (``0666`` less
+the umask), not the private ``0600`` of a temporary file. Loading uses
+``torch.load(weights_only=True)``: a checkpoint file can hold tensors and plain containers, never
+code, and any file that is not a checkpoint is reported as a
+[`CheckpointError`][mri.checkpoint.CheckpointError].
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-import pickle
 import tempfile
-import zipfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -54,10 +56,24 @@ def _digest(obj: Any, h: Any = None) -> str:
     return h.hexdigest() if top else ""
 
 
+_UMASK_LOCK = threading.Lock()
+
+
+def _file_mode() -> int:
+    """The mode ``open()`` would give a new file: ``0666`` less the process umask."""
+    # The umask can only be read by setting it; the lock keeps two savers from racing.
+    with _UMASK_LOCK:
+        umask = os.umask(0o022)
+        os.umask(umask)
+    return 0o666 & ~umask
+
+
 def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> Path:
     """Write ``state`` to ``path`` atomically (temporary file, fsync, rename, fsync folder).
 
-    A SHA-256 digest of the content is stored with it and checked by :func:`load_checkpoint`.
+    A SHA-256 digest of the content is stored with it and checked by
+    [`load_checkpoint`][mri.checkpoint.load_checkpoint]. The file's mode follows the umask, like
+    any other file the run writes.
     """
     path = Path(path)
     state = {**state, _DIGEST_KEY: _digest(state)}
@@ -68,6 +84,8 @@ def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> Path:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
+        # mkstemp creates the file 0600; a checkpoint is shared like the rest of the run folder.
+        os.chmod(tmp, _file_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -84,19 +102,27 @@ def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> Path:
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
-    """Load a checkpoint written by :func:`save_checkpoint` (``weights_only=True``).
+    """Load a checkpoint written by [`save_checkpoint`][mri.checkpoint.save_checkpoint].
+
+    The file is read with ``torch.load(weights_only=True)``.
 
     Raises:
-        CheckpointError: the file is missing, truncated, corrupt, or holds something else.
+        CheckpointError: the file is missing, a folder, truncated, corrupt, or holds something
+            else.
     """
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(
+            f"checkpoint: {path} is a folder; give a checkpoint file in it, e.g. {path / 'best.pt'}"
+        )
     if not path.is_file():
         raise CheckpointError(f"checkpoint: {path} does not exist")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
-    except (
-        RuntimeError, EOFError, OSError, zipfile.BadZipFile, pickle.UnpicklingError, ValueError,
-    ) as err:  # fmt: skip
+    except Exception as err:
+        # Any file that is not a checkpoint fails somewhere inside the unpickler, with whatever
+        # error that spot raises (IndexError, KeyError, UnicodeDecodeError, ...); all of them
+        # mean the same to the user. KeyboardInterrupt is not an Exception and passes through.
         first_line = (str(err).splitlines() or ["no message"])[0][:200]
         raise CheckpointError(
             f"checkpoint: {path} cannot be loaded safely: it is truncated, corrupt, or holds "

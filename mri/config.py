@@ -2,8 +2,10 @@
 
 A config names the data, the model, the training method and the evaluation. Files live in
 ``mri/configs/`` (the paper's experiments and small CPU presets) and are loaded by name or path
-with :func:`load_config`. Unknown keys, wrong types and impossible values raise
-:class:`ConfigError` naming the key.
+with [`load_config`][mri.config.load_config]. Unknown keys, wrong types and impossible values
+raise [`ConfigError`][mri.config.ConfigError] naming the key. Numbers are read the way people
+write them: ``1e-3`` is a float in a YAML file and in a ``--set`` override alike (plain PyYAML
+follows YAML 1.1, which wants ``1.0e-3`` and reads ``1e-3`` as a string).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ __all__ = [
     "config_from_dict",
     "config_to_dict",
     "list_configs",
+    "parse_yaml",
     "CONFIG_DIR",
 ]
 
@@ -37,6 +40,29 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 
 class ConfigError(ValueError):
     """A config key that is unknown, of the wrong type or of an impossible value."""
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2 floats: ``1e-3``, ``2E5`` and ``.5e1`` are numbers."""
+
+
+# YAML 1.1 (PyYAML) requires a dot in a float's mantissa and a sign in its exponent, so the
+# common ``1e-3`` would be a string. Added after the built-in resolvers, this one only decides
+# scalars that none of them claimed.
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def parse_yaml(text: str) -> Any:
+    """Parse YAML text as config files and ``--set`` values are read (YAML 1.2 floats).
+
+    Raises:
+        yaml.YAMLError: the text is not valid YAML.
+    """
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
 
 
 @dataclass
@@ -302,7 +328,7 @@ def _check_values(cfg: Config) -> None:
 
 
 def config_from_dict(raw: dict[str, Any]) -> Config:
-    """Build and check a :class:`Config` from a nested dict (as read from YAML).
+    """Build and check a [`Config`][mri.config.Config] from a nested dict (as read from YAML).
 
     Raises:
         ConfigError: an unknown key, a value of the wrong type, or an impossible value.
@@ -326,7 +352,8 @@ def load_config(name_or_path: str | Path, overrides: dict[str, Any] | None = Non
     """Load a shipped config by name (``"cpu-demo"``) or a YAML file by path.
 
     Args:
-        name_or_path: a name from :func:`list_configs` or a path to a YAML file.
+        name_or_path: a name from [`list_configs`][mri.config.list_configs] or a path to a
+            YAML file.
         overrides: dotted keys to replace, e.g. ``{"train.iterations": 10}``.
 
     Raises:
@@ -341,7 +368,7 @@ def load_config(name_or_path: str | Path, overrides: dict[str, Any] | None = Non
             f"configs are {', '.join(list_configs())}"
         )
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = parse_yaml(path.read_text())
     except yaml.YAMLError as err:
         raise ConfigError(f"config: {path} is not valid YAML: {err}") from err
     except (OSError, UnicodeDecodeError) as err:
@@ -360,5 +387,7 @@ def load_config(name_or_path: str | Path, overrides: dict[str, Any] | None = Non
             node = node[p]
             if not isinstance(node, dict):
                 raise ConfigError(f"{dotted}: '{p}' is not a section")
+        if not last:
+            raise ConfigError(f"{dotted!r}: empty key; expected e.g. train.lr")
         node[last] = value
     return config_from_dict(raw)

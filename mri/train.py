@@ -1,15 +1,22 @@
-"""The training loop shared by the CLI and the examples: e2e, checkpoint, gleam and pgleam.
+"""The training loop shared by the CLI and the examples: e2e, checkpoint, gleam, pgleam, mel.
 
-All four methods go through one :class:`greedywrap.GreedyWrapper`; they differ only in its
-arguments (``splits=1`` is end-to-end, ``checkpoint=True`` recomputes activations, ``devices``
-places stages for P-GLEAM). The loss is the paper's complex L1 loss, the optimizer Adam.
-Validation runs on a schedule and the model with the lowest validation nRMSE is kept, as in
-the paper. Checkpoints are written atomically and ``resume=True`` continues exactly.
+All five methods go through one [`GreedyWrapper`][greedywrap.GreedyWrapper]; they differ only in
+its arguments (``splits=1`` is end-to-end, ``checkpoint=True`` recomputes activations,
+``devices`` places stages for P-GLEAM, ``invertible=True`` trains by inversion for MEL). The
+loss is the paper's complex L1 loss, the optimizer Adam. Validation runs on a schedule and the
+model with the lowest validation nRMSE is kept, as in the paper. Checkpoints are written
+atomically; ``resume=True`` continues exactly, and a folder that holds a run is never
+overwritten unless asked.
+
+A checkpoint's ``wrapper`` entry is a [`GreedyWrapper`][greedywrap.GreedyWrapper] state, whose
+keys depend on ``splits``; for the plain network's weights (deployment, or loading into a
+wrapper with other splits) use ``GreedyWrapper.model_state_dict()`` and
+``load_model_state_dict()``.
 """
 
 from __future__ import annotations
 
-import csv
+import dataclasses
 import json
 import math
 import os
@@ -28,9 +35,21 @@ from tqdm.auto import tqdm
 from greedywrap import GreedyWrapper, InversionError, NonFiniteLossError, StageError
 from mri import metrics
 from mri.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from mri.config import Config, config_from_dict, config_to_dict
+from mri.config import Config, ConfigError, config_from_dict, config_to_dict
+from mri.data.h5format import DataFormatError
 from mri.models import MoDL, UnrolledPGD, complex_l1_loss
 from mri.pipeline import batch_to_inputs, make_loader, prepare_builtin
+from mri.runs import (
+    append_log_row,
+    clear_run,
+    holds_run,
+    resume_changes,
+    rng_state,
+    run_files,
+    set_rng_state,
+    tensorboard_writer,
+    truncate_log,
+)
 
 __all__ = [
     "NonFiniteLossError",
@@ -40,6 +59,8 @@ __all__ = [
     "train",
     "validate",
     "load_trained",
+    "default_threads",
+    "check_data",
     "CHECKPOINT_FORMAT",
 ]
 
@@ -48,7 +69,7 @@ CHECKPOINT_FORMAT = "greedywrap-mri-v1"
 
 @dataclass
 class TrainResult:
-    """What :func:`train` produced.
+    """What [`train`][mri.train.train] produced.
 
     Attributes:
         out_dir: the run folder.
@@ -88,6 +109,19 @@ def build_wrapper(model: nn.Module, cfg: Config, nonfinite: str | None = None) -
         t.method == "checkpoint" or (t.method in ("gleam", "pgleam") and t.checkpoint_blocks)
     )
     devices = t.devices if t.method == "pgleam" else None
+    try:
+        return _wrapper(model, t, splits, devices, checkpoint, invertible, nonfinite)
+    except (ValueError, TypeError) as err:
+        # Options this machine cannot run (absent GPUs, fp16 without CUDA) are config errors:
+        # the wrapper's message starts with its argument, which is the train.* key.
+        message = str(err)
+        key = message.split(":", 1)[0]
+        if key in {f.name for f in dataclasses.fields(t)}:
+            raise ConfigError(f"train.{message}") from err
+        raise ConfigError(f"train: {message}") from err
+
+
+def _wrapper(model, t, splits, devices, checkpoint, invertible, nonfinite) -> GreedyWrapper:
     return GreedyWrapper(
         model,
         splits=splits,
@@ -133,57 +167,59 @@ def validate(gw: GreedyWrapper, loader: Any, max_batches: int | None = None) -> 
     return {k: v / count for k, v in sums.items()}
 
 
-def _rng_state() -> dict[str, Any]:
-    return {
-        "torch": torch.get_rng_state(),
-        "numpy": np.random.get_state()[1].tolist(),
-        "numpy_pos": int(np.random.get_state()[2]),
-        "python": json.dumps(random.getstate()),
-    }
+def default_threads() -> int:
+    """The intra-op thread count the CLI and examples use unless ``--threads`` is given.
 
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(
-        ("MT19937", np.asarray(state["numpy"], dtype=np.uint32), state["numpy_pos"], 0, 0.0)
-    )
-    version, internal, gauss = json.loads(state["python"])
-    random.setstate((version, tuple(internal), gauss))
-
-
-def _tensorboard(out: Path, enabled: bool) -> Any:
-    """A SummaryWriter into ``out/tensorboard`` when TensorBoard is installed, else None."""
-    if not enabled:
-        return None
+    Half the cores this process may run on (at least 1, at most torch's own default). On a
+    shared machine, threads beyond the idle cores cost far more than missing ones: torch's
+    OpenMP threads wait for each other at every operation, so one descheduled thread stalls the
+    rest (measured on a 2-core machine with one core busy: 2 threads were 4-6x slower per step
+    than 1). Fewer threads than cores cost at most proportionally, and leave a core for the data
+    loader, the CS baseline and other users. The count depends only on the machine, so a resumed
+    run computes with the same threads as the run it continues.
+    """
     try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        return None
-    return SummaryWriter(str(out / "tensorboard"))
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(torch.get_num_threads(), cores // 2))
 
 
-def _truncate_log(path: Path, step: int) -> None:
-    """Drop log rows written after ``step`` (by a run that stopped before its next checkpoint)."""
-    if not path.exists():
-        return
-    with path.open(newline="") as f:
-        rows = list(csv.DictReader(f))
-    if not rows:
-        return
-    kept = [r for r in rows if int(r["step"]) <= step]
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(kept)
+def check_data(root: str | os.PathLike, cfg: Config, splits: tuple[str, ...]) -> dict[str, Any]:
+    """Open every file of ``splits`` under ``root`` now, so a broken one stops the run early.
+
+    Returns:
+        The loader of each split (``train`` shuffled, the others in order).
+
+    Raises:
+        DataFormatError: a split folder is missing or empty, or a file is invalid; a raw
+            fastMRI file gets a hint to convert it with ``python -m mri prepare fastmri``.
+        ConfigError: the masks of ``cfg.data`` cannot be drawn on the data's shape.
+    """
+    loaders = {}
+    for split in splits:
+        try:
+            loaders[split] = make_loader(root, split, cfg, shuffle=split == "train")
+        except DataFormatError as err:
+            raise DataFormatError(f"{err}{_raw_fastmri_hint(Path(root) / split)}") from err
+    return loaders
 
 
-def _append_csv(path: Path, row: dict[str, Any]) -> None:
-    new = not path.exists()
-    with path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(row))
-        if new:
-            writer.writeheader()
-        writer.writerow(row)
+def _raw_fastmri_hint(folder: Path) -> str:
+    """A hint when ``folder`` holds fastMRI's own files rather than prepared slice files."""
+    try:
+        import h5py
+
+        for path in sorted(folder.glob("*.h5"))[:8]:
+            with h5py.File(path, "r") as f:
+                if "ismrmrd_header" in f and "kspace" in f and "maps" not in f:
+                    return (
+                        f" ({path.name} is a raw fastMRI file; convert the folder first with "
+                        f"`python -m mri prepare fastmri {folder} --out DIR`)"
+                    )
+    except Exception:  # the hint is a courtesy; the error above stands on its own
+        return ""
+    return ""
 
 
 def train(
@@ -192,10 +228,12 @@ def train(
     data_dir: str | os.PathLike | None = None,
     *,
     resume: bool = False,
+    overwrite: bool = False,
     progress: bool = True,
     nonfinite: str = "raise",
     max_steps: int | None = None,
     tensorboard: bool = True,
+    check_splits: tuple[str, ...] = (),
 ) -> TrainResult:
     """Train ``cfg``'s model with ``cfg.train.method`` and keep the best validation model.
 
@@ -205,109 +243,183 @@ def train(
 
     Args:
         cfg: the experiment.
-        out_dir: the run folder.
+        out_dir: the run folder. A folder that already holds a run is refused unless
+            ``resume`` or ``overwrite`` says what to do with it.
         data_dir: prepared h5 slice data with ``train/`` and ``val/`` folders; ``None`` uses the
             built-in simulated data (generated into ``out_dir/../data-<name>`` once, then cached).
-        resume: continue from ``out_dir/last.pt``; the result equals an uninterrupted run.
-        progress: show a progress bar.
-        nonfinite: ``"raise"`` (stop with :class:`NonFiniteLossError` naming the stage and
-            step) or ``"skip"`` (skip that stage's update, count it, go on).
+        resume: continue from ``out_dir/last.pt``; the result equals an uninterrupted run, bit
+            for bit (parameters, optimizer and RNG state). With no checkpoint yet, the run
+            starts from step 0 and says so. ``cfg`` may change the keys in
+            ``mri.runs.RESUMABLE`` (e.g. ``train.iterations``, ``train.lr``); they take effect
+            and are recorded in ``config.yaml`` and the checkpoint's ``resumes``.
+        overwrite: empty a folder that holds a run and start again.
+        progress: show a progress bar; without it, print the log lines as they are written.
+        nonfinite: ``"raise"`` (stop with [`NonFiniteLossError`][greedywrap.NonFiniteLossError]
+            naming the stage and step) or ``"skip"`` (skip that stage's update, count it, go on).
         max_steps: stop after this many steps in this call (for tests of resuming); the
             schedule still follows ``cfg.train.iterations``.
         tensorboard: also log to ``out_dir/tensorboard`` when TensorBoard is installed.
+        check_splits: further splits (e.g. ``("test",)``) to open and check before the first
+            step, so that a broken file is found now rather than after training.
 
     Raises:
         NonFiniteLossError: a loss became NaN/Inf and ``nonfinite="raise"``.
-        CheckpointError: ``resume=True`` and ``last.pt`` cannot be loaded.
+        CheckpointError: ``last.pt`` cannot be loaded, or ``out_dir`` holds a run and neither
+            ``resume`` nor ``overwrite`` is set (or both are).
+        ConfigError: ``resume=True`` with a change ``cfg`` may not make, or options this
+            machine cannot run (e.g. absent devices).
+        DataFormatError: a split folder is missing or a file in it is invalid.
     """
     if nonfinite not in ("raise", "skip"):
         raise ValueError(f"nonfinite: got {nonfinite!r}; expected 'raise' or 'skip'")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    t = cfg.train
-    data_root = Path(data_dir) if data_dir is not None else prepare_builtin(cfg, out.parent)
-
-    _seed_everything(t.seed)
+    if resume and overwrite:
+        raise CheckpointError(
+            "resume and overwrite: choose one (--resume continues the run in the folder, "
+            "--overwrite deletes it)"
+        )
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"out: {out} is a file; expected a run folder")
+    last_path = out / "last.pt"
+    state = None
+    clear = False
+    if resume and last_path.exists():
+        state = load_checkpoint(last_path)
+    elif holds_run(out):
+        if not (resume or overwrite):
+            raise CheckpointError(
+                f"out: {out} already holds a run ({', '.join(run_files(out))}); pass --resume "
+                "to continue it or --overwrite to delete it and start again"
+            )
+        clear = overwrite
+    changes: dict[str, tuple] = {}
+    if state is not None:
+        changes = resume_changes(config_from_dict(state["config"]), cfg, last_path)
+    if data_dir is not None:
+        data_root = Path(data_dir)
+    else:
+        data_root = prepare_builtin(cfg, out.parent)
+        print(f"data: built-in simulated {cfg.data.kind} data in {data_root}", flush=True)
+    extra = tuple(s for s in check_splits if s not in ("train", "val"))
+    loaders = check_data(data_root, cfg, ("train", "val", *extra))
+    # Seeded after the data exists, so a cached or a freshly generated dataset start alike.
+    _seed_everything(cfg.train.seed)
     gw = build_wrapper(build_model(cfg), cfg, nonfinite=nonfinite)
-    train_loader = make_loader(data_root, "train", cfg, shuffle=True)
-    val_loader = make_loader(data_root, "val", cfg, shuffle=False)
+    try:
+        # Only now, with the config, the data and the devices checked, is the old run deleted.
+        if clear:
+            clear_run(out, keep=data_root)
+        out.mkdir(parents=True, exist_ok=True)
+        return _run(cfg, gw, out, loaders["train"], loaders["val"], state, changes, resume,
+                    progress, max_steps, tensorboard)  # fmt: skip
+    finally:
+        gw.close()
+
+
+def _run(cfg, gw, out, train_loader, val_loader, state, changes, resume, progress, max_steps,
+         tensorboard):  # fmt: skip
+    t = cfg.train
+    last_path, best_path = out / "last.pt", out / "best.pt"
 
     step, best_step, best = 0, 0, math.inf
     history: list[dict[str, Any]] = []
+    resumes: list[dict[str, Any]] = []
     skipped = 0
-    last_path, best_path = out / "last.pt", out / "best.pt"
-    if resume:
-        state = load_checkpoint(last_path)
-        saved_cfg = config_from_dict(state["config"])
-        if config_to_dict(saved_cfg)["model"] != config_to_dict(cfg)["model"] or (
-            saved_cfg.train.method != t.method
-        ):
+    if state is not None:
+        try:
+            gw.load_state_dict(state["wrapper"])
+        except (ValueError, RuntimeError, KeyError) as err:
             raise CheckpointError(
-                f"resume: {last_path} was written for another model or method "
-                f"({saved_cfg.model.type}/{saved_cfg.train.method}); use a new --out folder"
-            )
-        gw.load_state_dict(state["wrapper"])
+                f"resume: {last_path} does not fit the model of this config "
+                f"({(str(err).splitlines() or [''])[0][:200]}); start a new --out folder"
+            ) from err
+        if "train.lr" in changes:
+            # The optimizer state restores the old learning rate; the new one must win.
+            for opt in gw.optimizers:
+                if opt is not None:
+                    for group in opt.param_groups:
+                        group["lr"] = t.lr
         step, best_step, best = state["step"], state["best_step"], state["best_val_nrmse"]
         history, skipped = list(state["history"]), state["skipped_updates"]
-        _set_rng_state(state["rng"])
-        _truncate_log(out / "log.csv", step)
+        resumes = list(state.get("resumes", []))
+        set_rng_state(state["rng"])
+        truncate_log(out / "log.csv", step)
+        if changes:
+            resumes.append({"step": step, "changes": {k: list(v) for k, v in changes.items()}})
+        said = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items())
+        print(f"resume: from {last_path} at step {step}" + (f"; changed {said}" if said else ""),
+              flush=True)  # fmt: skip
     else:
-        (out / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+        if resume:
+            print(f"resume: no checkpoint in {out} yet; starting from step 0", flush=True)
         for stale in (out / "log.csv", out / "history.json"):
             stale.unlink(missing_ok=True)
+    # The config as it is being run, overrides on resume included.
+    (out / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+
+    def snapshot() -> dict[str, Any]:
+        return _state(cfg, gw, step, best_step, best, history, skipped, resumes)
 
     end = t.iterations if max_steps is None else min(t.iterations, step + max_steps)
-    writer = _tensorboard(out, tensorboard)
+    writer = tensorboard_writer(out, tensorboard)
     bar = tqdm(total=t.iterations, initial=step, disable=not progress, desc=f"{t.method}")
     batches = _batches(train_loader, step)
     start_time = time.perf_counter()
-    while step < end:
-        batch = next(batches)
-        x0, target, meas = batch_to_inputs(batch)
-        try:
-            losses = gw.train_step(x0, target, meas)
-            if (step + 1) % t.val_every == 0 or step + 1 in (end, t.iterations):
-                # P-GLEAM failures surface at the next wait; make it happen here, where they are
-                # translated, rather than inside validation or checkpointing.
-                gw.synchronize()
-        except (NonFiniteLossError, StageError) as err:
-            cause = err if isinstance(err, NonFiniteLossError) else err.__cause__
-            if isinstance(cause, NonFiniteLossError):
-                good = last_path if last_path.exists() else "none written yet"
-                detail = f"training stopped; last good checkpoint: {good}"
-                raise NonFiniteLossError(cause.stage, cause.step, cause.value, detail) from err
-            if isinstance(cause, InversionError):
-                raise cause from err
-            raise
-        step += 1
-        if step % t.log_every == 0 or step == end:
-            values = [float(v) for v in losses]
-            _append_csv(
-                out / "log.csv",
-                {"step": step, **{f"loss_stage{m}": v for m, v in enumerate(values)}},
-            )
-            bar.set_postfix(loss=f"{values[-1]:.4f}")
-            if writer is not None:
-                for m, v in enumerate(values):
-                    writer.add_scalar(f"loss/stage{m}", v, step)
-        bar.update(1)
-        if step % t.val_every == 0 or step == t.iterations:
-            scores = validate(gw, val_loader)
-            record = {"step": step, **{f"val_{k}": v for k, v in scores.items()},
-                      "seconds": time.perf_counter() - start_time}  # fmt: skip
-            history.append(record)
-            if writer is not None:
-                for k, v in scores.items():
-                    writer.add_scalar(f"val/{k}", v, step)
-            if scores["nrmse"] < best:
-                best, best_step = scores["nrmse"], step
-                save_checkpoint(_state(cfg, gw, step, best_step, best, history, skipped), best_path)
-            save_checkpoint(_state(cfg, gw, step, best_step, best, history, skipped), last_path)
-            (out / "history.json").write_text(json.dumps(history, indent=2))
-    bar.close()
-    if writer is not None:
-        writer.close()
-    gw.close()
+    try:
+        while step < end:
+            batch = next(batches)
+            x0, target, meas = batch_to_inputs(batch)
+            try:
+                losses = gw.train_step(x0, target, meas)
+                if (step + 1) % t.val_every == 0 or step + 1 in (end, t.iterations):
+                    # P-GLEAM failures surface at the next wait; make it happen here, where they
+                    # are translated, rather than inside validation or checkpointing.
+                    gw.synchronize()
+            except (NonFiniteLossError, StageError) as err:
+                cause = err if isinstance(err, NonFiniteLossError) else err.__cause__
+                if isinstance(cause, NonFiniteLossError):
+                    good = last_path if last_path.exists() else "none written yet"
+                    detail = f"training stopped; last good checkpoint: {good}"
+                    raise NonFiniteLossError(cause.stage, cause.step, cause.value, detail) from err
+                if isinstance(cause, InversionError):
+                    raise cause from err
+                raise
+            step += 1
+            if step % t.log_every == 0 or step == end:
+                values = [float(v) for v in losses]
+                append_log_row(
+                    out / "log.csv",
+                    {"step": step, **{f"loss_stage{m}": v for m, v in enumerate(values)}},
+                )
+                bar.set_postfix(loss=f"{values[-1]:.4f}")
+                if not progress:
+                    shown = " ".join(f"{v:.4f}" for v in values)
+                    print(f"step {step}/{t.iterations}: loss per stage {shown}", flush=True)
+                if writer is not None:
+                    for m, v in enumerate(values):
+                        writer.add_scalar(f"loss/stage{m}", v, step)
+            bar.update(1)
+            if step % t.val_every == 0 or step == t.iterations:
+                scores = validate(gw, val_loader)
+                record = {"step": step, **{f"val_{k}": v for k, v in scores.items()},
+                          "seconds": time.perf_counter() - start_time}  # fmt: skip
+                history.append(record)
+                if not progress:
+                    print(f"step {step}/{t.iterations}: validation PSNR {scores['psnr']:.2f} dB, "
+                          f"SSIM {scores['ssim']:.4f}, nRMSE {scores['nrmse']:.4f}",
+                          flush=True)  # fmt: skip
+                if writer is not None:
+                    for k, v in scores.items():
+                        writer.add_scalar(f"val/{k}", v, step)
+                if scores["nrmse"] < best:
+                    best, best_step = scores["nrmse"], step
+                    save_checkpoint(snapshot(), best_path)
+                save_checkpoint(snapshot(), last_path)
+                (out / "history.json").write_text(json.dumps(history, indent=2))
+    finally:
+        bar.close()
+        if writer is not None:
+            writer.close()
     return TrainResult(out, step, best_step, best, history, skipped + sum(gw.skipped_updates))
 
 
@@ -318,15 +430,22 @@ def _batches(loader: Any, step: int):
     while True:
         if hasattr(loader, "set_epoch"):
             loader.set_epoch(epoch)
-        for i, batch in enumerate(loader):
+        # Making a DataLoader iterator draws a base seed from torch's global generator. An
+        # uninterrupted run makes it at the start of an epoch, a resumed one at the resume
+        # step, so that draw would make the saved RNG state depend on where a run was
+        # stopped. Forking keeps the global generator untouched by the loader.
+        with torch.random.fork_rng(devices=[]):
+            iterator = iter(loader)
+        for i, batch in enumerate(iterator):
             if i < skip:
                 continue
             yield batch
         epoch, skip = epoch + 1, 0
 
 
-def _state(cfg, gw, step, best_step, best, history, skipped) -> dict[str, Any]:
+def _state(cfg, gw, step, best_step, best, history, skipped, resumes) -> dict[str, Any]:
     return {
+        "resumes": resumes,
         "format": CHECKPOINT_FORMAT,
         "config": config_to_dict(cfg),
         "wrapper": gw.state_dict(),
@@ -335,16 +454,33 @@ def _state(cfg, gw, step, best_step, best, history, skipped) -> dict[str, Any]:
         "best_val_nrmse": best,
         "history": history,
         "skipped_updates": skipped + sum(gw.skipped_updates),
-        "rng": _rng_state(),
+        "rng": rng_state(),
     }
 
 
 def load_trained(
     path: str | os.PathLike, device: str | torch.device = "cpu"
 ) -> tuple[GreedyWrapper, Config]:
-    """Rebuild the wrapper and config of a checkpoint written by :func:`train`."""
+    """Rebuild the wrapper and config of a checkpoint written by [`train`][mri.train.train].
+
+    Raises:
+        CheckpointError: the file is not a checkpoint of ``mri.train``.
+        ConfigError: its config cannot run on this machine (e.g. absent devices).
+    """
     state = load_checkpoint(path, map_location=device)
-    cfg = config_from_dict(state["config"])
+    if state.get("format") != CHECKPOINT_FORMAT or "config" not in state:
+        raise CheckpointError(
+            f"checkpoint: {path} is not a checkpoint of mri.train (format "
+            f"{state.get('format')!r}, expected {CHECKPOINT_FORMAT!r})"
+        )
+    try:
+        cfg = config_from_dict(state["config"])
+    except ConfigError as err:
+        raise CheckpointError(f"checkpoint: {path} holds an invalid config ({err})") from err
     gw = build_wrapper(build_model(cfg), cfg)
-    gw.load_state_dict(state["wrapper"])
+    try:
+        gw.load_state_dict(state["wrapper"])
+    except (ValueError, RuntimeError, KeyError) as err:
+        first = (str(err).splitlines() or [""])[0][:200]
+        raise CheckpointError(f"checkpoint: {path} does not fit its own config ({first})") from err
     return gw.eval(), cfg

@@ -117,11 +117,11 @@ def test_sigkill_at_random_moments_then_resume_equals_an_uninterrupted_run_bitwi
     with _child(_train_cmd(straight, resume=False)) as reference:
         for kill in range(3):
             start_step = _checkpoint_step(killed)
-            # A kill can land before the first checkpoint: then there is nothing to resume.
-            resume = (killed / "last.pt").exists()
-            if resume:
+            # Every restart passes --resume, as a job script on preemptible machines does; a
+            # kill before the first checkpoint leaves nothing to resume, and the run starts over.
+            if (killed / "last.pt").exists():
                 resumed_from.append(start_step)
-            with _child(_train_cmd(killed, resume)) as proc:
+            with _child(_train_cmd(killed, resume=True)) as proc:
                 if kill == 0:
                     # Anywhere from interpreter start-up to a few steps in.
                     deadline = time.monotonic() + rng.uniform(0.5, 4.0)
@@ -146,10 +146,9 @@ def test_sigkill_at_random_moments_then_resume_equals_an_uninterrupted_run_bitwi
             # Whatever the kill interrupted, the checkpoint under the real name loads.
             if (killed / "last.pt").exists():
                 assert load_checkpoint(killed / "last.pt")["step"] >= start_step
-        resume = (killed / "last.pt").exists()
-        if resume:
+        if (killed / "last.pt").exists():
             resumed_from.append(_checkpoint_step(killed))
-        done = _run_child(_train_cmd(killed, resume))
+        done = _run_child(_train_cmd(killed, resume=True))
         assert done.returncode == 0, done.stderr
         out, err = reference.communicate(timeout=CHILD_TIMEOUT)
         assert reference.returncode == 0, err

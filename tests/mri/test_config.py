@@ -404,3 +404,20 @@ def test_fuzz_overrides_load_or_raise_config_error(overrides):
 
 def test_config_dir_is_inside_the_package():
     assert CONFIG_DIR == Path(__file__).resolve().parents[2] / "mri" / "configs"
+
+
+def test_yaml_files_read_numbers_the_way_people_write_them(tmp_path):
+    path = tmp_path / "exp.yaml"
+    path.write_text(
+        "train:\n  lr: 1e-3\n  clip_grad_norm: 5E+1\n  mel_max_error: .5e-1\n"
+        "data:\n  accel: 4\n  noise: 2.5e-2\n"
+    )
+    cfg = load_config(path)
+    assert cfg.train.lr == 0.001 and isinstance(cfg.train.lr, float)
+    assert cfg.train.clip_grad_norm == 50.0
+    assert cfg.train.mel_max_error == 0.05
+    assert cfg.data.noise == 0.025
+    # Only numbers change: words and version-like strings stay strings.
+    path.write_text("name: 1e\ndescription: v1e3\n")
+    cfg = load_config(path)
+    assert (cfg.name, cfg.description) == ("1e", "v1e3")

@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import json
+import os
+import random
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from mri.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from mri.config import load_config
+from mri.config import ConfigError, load_config
 from mri.evaluate import evaluate
 from mri.pipeline import prepare_builtin
-from mri.train import load_trained, train
+from mri.train import default_threads, load_trained, train
 
 ROOT = Path(__file__).parents[2]
 
@@ -83,8 +86,114 @@ def test_resume_refuses_another_model(tiny_root):
     cfg = load_config("cpu-tiny", {"train.iterations": 2, "train.val_every": 2})
     train(cfg, tiny_root / "other", progress=False)
     bigger = load_config("cpu-tiny", {"model.features": 4, "train.iterations": 4})
-    with pytest.raises(CheckpointError, match="another model or method"):
+    with pytest.raises(ConfigError, match=r"model\.features: got 4 on resume.*trained with 8"):
         train(bigger, tiny_root / "other", progress=False, resume=True)
+    other_splits = load_config("cpu-tiny", {"train.splits": 4, "train.iterations": 4})
+    with pytest.raises(ConfigError, match=r"train\.splits: got 4 on resume"):
+        train(other_splits, tiny_root / "other", progress=False, resume=True)
+
+
+def _comparable(path: Path) -> dict:
+    """A checkpoint without the wall-clock seconds in its history."""
+    state = load_checkpoint(path)
+    state["history"] = [{k: v for k, v in h.items() if k != "seconds"} for h in state["history"]]
+    return state
+
+
+def _assert_equal(a, b, where: str = "") -> None:
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert set(a) == set(b), where
+        for k in a:
+            _assert_equal(a[k], b[k], f"{where}/{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            _assert_equal(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
+@pytest.mark.parametrize("stopped_after", [1, 3, 5])
+def test_resume_equals_an_uninterrupted_run_bit_for_bit_rng_included(tiny_root, stopped_after):
+    # 4 training slices: checkpoints at steps 2 and 4 fall mid-epoch and on an epoch boundary.
+    cfg = load_config("cpu-tiny", {"train.iterations": 7, "train.val_every": 2})
+    straight = tiny_root / "rng-straight"
+    if not (straight / "last.pt").exists():
+        train(cfg, straight, progress=False)
+    run = tiny_root / f"rng-stopped-{stopped_after}"
+    # Stopped without a checkpoint after its last validation: the steps since are redone.
+    train(cfg, run, progress=False, max_steps=stopped_after)
+    train(cfg, run, progress=False, resume=True)
+    _assert_equal(_comparable(straight / "last.pt"), _comparable(run / "last.pt"))
+    _assert_equal(_comparable(straight / "best.pt"), _comparable(run / "best.pt"))
+
+
+def test_resume_with_no_checkpoint_starts_the_run(tiny_root, capsys):
+    cfg = load_config("cpu-tiny", {"train.iterations": 2, "train.val_every": 2})
+    result = train(cfg, tiny_root / "never-checkpointed", progress=False, resume=True)
+    assert result.steps == 2
+    assert "no checkpoint" in capsys.readouterr().out
+
+
+def test_resume_overrides_take_effect_and_are_recorded(tiny_root):
+    cfg = load_config("cpu-tiny", {"train.iterations": 4, "train.val_every": 2})
+    run = tiny_root / "lr-change"
+    train(cfg, run, progress=False, max_steps=2)
+    faster = load_config("cpu-tiny", {"train.iterations": 4, "train.val_every": 2,
+                                      "train.lr": 0.01})  # fmt: skip
+    train(faster, run, progress=False, resume=True)
+    state = load_checkpoint(run / "last.pt")
+    optimizers = state["wrapper"]["_extra_state"]["optimizers"]
+    assert [g["lr"] for o in optimizers for g in o["param_groups"]] == [0.01] * len(optimizers)
+    assert state["config"]["train"]["lr"] == 0.01
+    assert yaml.safe_load((run / "config.yaml").read_text())["train"]["lr"] == 0.01
+    assert state["resumes"] == [{"step": 2, "changes": {"train.lr": [0.001, 0.01]}}]
+
+
+def test_a_folder_that_holds_a_run_is_never_overwritten_silently(tiny_root):
+    cfg = load_config("cpu-tiny", {"train.iterations": 2, "train.val_every": 2})
+    run = tiny_root / "kept"
+    train(cfg, run, progress=False)
+    before = (run / "best.pt").read_bytes()
+    with pytest.raises(CheckpointError, match="--resume.*--overwrite"):
+        train(cfg, run, progress=False)
+    with pytest.raises(CheckpointError, match="choose one"):
+        train(cfg, run, progress=False, resume=True, overwrite=True)
+    assert (run / "best.pt").read_bytes() == before
+    (run / "metrics.json").write_text("{}")
+    train(cfg, run, progress=False, overwrite=True)
+    assert not (run / "metrics.json").exists()
+
+
+def test_default_threads_leave_cores_free_and_never_exceed_torchs_own():
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    assert 1 <= default_threads() <= max(1, cores // 2)
+    assert default_threads() <= torch.get_num_threads()
+
+
+def test_checkpoints_get_the_umask_permissions_like_any_file(tmp_path):
+    old = os.umask(0o022)
+    try:
+        save_checkpoint({"format": "x"}, tmp_path / "a.pt")
+        os.umask(0o077)
+        save_checkpoint({"format": "x"}, tmp_path / "b.pt")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.pt").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "b.pt").stat().st_mode & 0o777 == 0o600
+
+
+def test_any_file_that_is_not_a_checkpoint_is_a_checkpoint_error(tmp_path):
+    rng = random.Random(0)
+    for i in range(40):
+        path = tmp_path / f"random{i}.pt"
+        path.write_bytes(bytes(rng.getrandbits(8) for _ in range(rng.randint(1, 4000))))
+        with pytest.raises(CheckpointError, match="cannot be loaded|was not written by"):
+            load_checkpoint(path)
+    with pytest.raises(CheckpointError, match="is a folder"):
+        load_checkpoint(tmp_path)
 
 
 def test_evaluation_scores_every_method_and_every_depth(tiny_root):
@@ -105,6 +214,7 @@ def test_cli_overrides_read_numbers_the_way_users_write_them():
     from mri.cli import _parse_override
 
     assert _parse_override("train.lr=1e-3") == ("train.lr", 0.001)
+    assert _parse_override("train.lr=2E-4") == ("train.lr", 0.0002)
     assert _parse_override("train.devices=[0, 1]") == ("train.devices", [0, 1])
     assert _parse_override("eval.cs=tv") == ("eval.cs", "tv")
 
