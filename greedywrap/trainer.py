@@ -113,7 +113,11 @@ class StageTrainer:
         if self.precision == "fp32":
             return contextlib.nullcontext()
         dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
-        return torch.autocast(device_type=self.device.type, dtype=dtype)
+        # Autocast's cache of low-precision weight casts is shared between threads: a worker
+        # recomputing a checkpointed block could hand the caller's next forward a cast of
+        # weights from before their update. Without the cache each cast is made afresh (the
+        # same bits, a little more work).
+        return torch.autocast(device_type=self.device.type, dtype=dtype, cache_enabled=False)
 
     def attach_ddp(self) -> None:
         """Wrap the stage and head in DDP with a process group of their own (collective)."""

@@ -462,7 +462,8 @@ class GreedyWrapper(nn.Module):
         Saved by ``state_dict()`` under the key ``_extra_state`` next to the parameters, so a
         wrapper nested in a larger module checkpoints and resumes with it. In the middle of a
         ``grad_accumulation`` window it also holds the gradients accumulated so far, so the
-        resumed run is exactly the uninterrupted one.
+        resumed run is exactly the uninterrupted one (under data parallelism these are the
+        saving process's own, not yet averaged, gradients: save at a window boundary there).
         """
         self.synchronize()
         mid_window = self.step_count % self.grad_accumulation != 0

@@ -37,10 +37,14 @@ class DropBlock(nn.Module):
         return x
 
 
-def _dropout_run(devices, checkpoint: bool, steps: int = 8) -> tuple[list, list]:
+def _dropout_run(
+    devices, checkpoint: bool, steps: int = 8, precision: str = "fp32"
+) -> tuple[list, list]:
     torch.manual_seed(0)
     blocks = [DropBlock() for _ in range(4)]
-    gw = GreedyWrapper(blocks, splits=4, devices=devices, checkpoint=checkpoint)
+    gw = GreedyWrapper(
+        blocks, splits=4, devices=devices, checkpoint=checkpoint, precision=precision
+    )
     torch.manual_seed(123)  # the caller's stream: its batches and the dropout masks
     drawn = []
     for _ in range(steps):
@@ -59,6 +63,15 @@ def test_checkpointed_dropout_under_pgleam_gives_the_sequential_bits_and_caller_
         params, drawn = _dropout_run(["cpu", "cpu"], True)
         assert_bitwise_equal(params, ref_params)
         assert_bitwise_equal(drawn, ref_drawn)
+
+
+def test_bf16_checkpointed_dropout_under_pgleam_gives_the_sequential_bits():
+    # Autocast's weight-cast cache is shared between threads; a worker's recomputation must
+    # not hand the caller's next forward a cast of weights from before their update.
+    ref_params, _ = _dropout_run(None, False, steps=4, precision="bf16")
+    for _ in range(6):
+        params, _ = _dropout_run(["cpu", "cpu"], True, steps=4, precision="bf16")
+        assert_bitwise_equal(params, ref_params)
 
 
 def test_checkpoint_recomputation_leaves_the_global_generator_alone():
