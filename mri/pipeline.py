@@ -31,7 +31,7 @@ from mri.physics import Measurement, SenseOp
 
 __all__ = [
     "SliceDataset",
-    "EpochSampler",
+    "GroupedBatchSampler",
     "prepare_builtin",
     "make_loader",
     "batch_to_inputs",
@@ -106,6 +106,8 @@ class SliceDataset(Dataset):
         self.epoch = 0
         self.index: list[tuple[Path, int]] = []
         self.shapes: dict[Path, tuple[int, ...]] = {}
+        #: Per item, ``(coils, spatial shape)``: items batch together only within a group.
+        self.groups: list[tuple[int, tuple[int, ...]]] = []
         kinds = set()
         for path in self.files:
             info = inspect_slices(path)
@@ -113,6 +115,7 @@ class SliceDataset(Dataset):
             # Real data mixes matrix sizes (fastMRI widths vary), so masks follow each file.
             self.shapes[path] = tuple(info.spatial_shape)
             self.index += [(path, j) for j in range(info.num_slices)]
+            self.groups += [(info.num_coils, self.shapes[path])] * info.num_slices
         if kinds != {cfg.data.kind}:
             raise DataFormatError(
                 f"data: {self.folder} holds {sorted(kinds)} data but the config says "
@@ -194,34 +197,72 @@ class SliceDataset(Dataset):
         }
 
 
-class EpochSampler(Sampler[int]):
-    """A shuffling sampler whose order is a function of (seed, epoch): resumable exactly."""
+class GroupedBatchSampler(Sampler[list[int]]):
+    """Batches of items that share a coil count and spatial shape; the order is a function of
+    (seed, epoch), so a resumed run sees the same batches.
 
-    def __init__(self, dataset: SliceDataset, seed: int, shuffle: bool) -> None:
+    Real data mixes both (fastMRI brain has 4 to 20 coils at 3T and several matrix widths), and
+    items of different shapes cannot be stacked into one tensor. Items are grouped by
+    ``(coils, spatial shape)``; with ``shuffle`` each group is permuted and cut into batches and
+    the batches of all groups are then permuted together, so every item is seen once per epoch
+    and a batch never mixes groups. Without ``shuffle`` items keep their order within a group,
+    and groups come in the order their first item appears.
+
+    Args:
+        dataset: the `SliceDataset` whose ``groups`` give each item's key.
+        batch_size: items per batch (>= 1).
+        seed: the seed of the order.
+        shuffle: permute items and batches every epoch.
+        drop_last: drop each group's last, incomplete batch (training keeps batch sizes equal).
+    """
+
+    def __init__(
+        self,
+        dataset: SliceDataset,
+        batch_size: int,
+        seed: int,
+        shuffle: bool,
+        drop_last: bool,
+    ) -> None:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
         self.dataset = dataset
+        self.batch_size = batch_size
         self.seed = seed
         self.shuffle = shuffle
+        self.drop_last = drop_last
         self.epoch = 0
+        self.groups: dict[tuple, list[int]] = {}
+        for i, key in enumerate(dataset.groups):
+            self.groups.setdefault(key, []).append(i)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
         self.dataset.set_epoch(epoch)
 
-    def __len__(self) -> int:
-        return len(self.dataset)
+    def _count(self, n: int) -> int:
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
-    def __iter__(self) -> Iterator[int]:
-        n = len(self.dataset)
-        if not self.shuffle:
-            return iter(range(n))
+    def __len__(self) -> int:
+        return sum(self._count(len(items)) for items in self.groups.values())
+
+    def __iter__(self) -> Iterator[list[int]]:
         g = torch.Generator().manual_seed(_stable_seed("order", self.seed, self.epoch))
-        return iter(torch.randperm(n, generator=g).tolist())
+        batches = []
+        for items in self.groups.values():
+            if self.shuffle:
+                items = [items[k] for k in torch.randperm(len(items), generator=g).tolist()]
+            bs = self.batch_size
+            batches += [items[k : k + bs] for k in range(0, bs * self._count(len(items)), bs)]
+        if self.shuffle:
+            batches = [batches[k] for k in torch.randperm(len(batches), generator=g).tolist()]
+        return iter(batches)
 
 
 class _EpochLoader:
     """A DataLoader with ``set_epoch`` forwarded to its sampler and dataset."""
 
-    def __init__(self, loader: DataLoader, sampler: EpochSampler) -> None:
+    def __init__(self, loader: DataLoader, sampler: GroupedBatchSampler) -> None:
         self.loader = loader
         self.sampler = sampler
         self.dataset = loader.dataset
@@ -252,22 +293,16 @@ def make_loader(
     train = split == "train"
     dataset = SliceDataset(Path(root) / split, cfg, train=train, seed=cfg.train.seed)
     bs = cfg.train.batch_size if batch_size is None else batch_size
-    if train and len(dataset) < bs:
+    sampler = GroupedBatchSampler(dataset, bs, cfg.train.seed, shuffle, drop_last=train)
+    if train and len(sampler) == 0:
+        sizes = {f"{k[0]} coils x {list(k[1])}": len(v) for k, v in sampler.groups.items()}
         raise DataFormatError(
-            f"data: {Path(root) / split} has {len(dataset)} items, fewer than train.batch_size={bs}"
+            f"data: {Path(root) / split} has no group of train.batch_size={bs} items with equal "
+            f"coil count and shape (items per group: {sizes}); lower train.batch_size"
         )
-    if bs > 1 and len(set(dataset.shapes.values())) > 1:
-        raise DataFormatError(
-            f"data: {Path(root) / split} mixes spatial shapes "
-            f"{sorted(set(dataset.shapes.values()))}, which cannot be batched; use "
-            "train.batch_size 1 or data of one shape"
-        )
-    sampler = EpochSampler(dataset, cfg.train.seed, shuffle)
     loader = DataLoader(
         dataset,
-        batch_size=bs,
-        sampler=sampler,
-        drop_last=train,
+        batch_sampler=sampler,
         num_workers=cfg.train.num_workers,
         persistent_workers=False,
         timeout=600 if cfg.train.num_workers > 0 else 0,
