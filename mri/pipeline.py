@@ -47,6 +47,26 @@ def _stable_seed(*parts: Any) -> int:
     return zlib.crc32(json.dumps(parts).encode()) & 0x7FFFFFFF
 
 
+def _maps_calib(cfg: Config) -> int:
+    """The calibration width the built-in data's maps are estimated from: the mask's fully
+    sampled centre, so maps use only what an undersampled scan would hold.
+
+    1D masks sample a band of ``center_fraction`` of the columns. A k-t lattice samples a
+    small centre per frame but nearly every central line over the series, and cine maps are
+    estimated from the time average (as cine reconstructions do), so a wider region is used.
+    At least 6 lines, the least ESPIRiT calibrates on, at most the image side.
+    """
+    d = cfg.data
+    side = min(d.shape[-2:])
+    if d.mask in ("random1d", "equispaced1d"):
+        width = round(d.center_fraction * d.shape[-1])
+    elif d.mask == "kt":
+        width = min(24, side // 2)
+    else:
+        width = d.calib
+    return min(side, max(6, width))
+
+
 def prepare_builtin(cfg: Config, root: str | os.PathLike) -> Path:
     """Generate (or reuse) the built-in simulated data that ``cfg.data`` describes.
 
@@ -57,7 +77,7 @@ def prepare_builtin(cfg: Config, root: str | os.PathLike) -> Path:
     params = {
         "kind": d.kind, "shape": list(d.shape), "num_coils": d.num_coils,
         "num_train": d.num_train, "num_val": d.num_val, "num_test": d.num_test,
-        "noise": d.noise, "seed": d.seed,
+        "noise": d.noise, "seed": d.seed, "maps": d.maps, "calib": _maps_calib(cfg),
     }  # fmt: skip
     digest = hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:10]
     folder = Path(root) / f"data-{d.kind}-{digest}"
@@ -71,6 +91,8 @@ def prepare_builtin(cfg: Config, root: str | os.PathLike) -> Path:
         num_coils=d.num_coils,
         seed=d.seed,
         noise_std=d.noise,
+        maps=d.maps,
+        calib=_maps_calib(cfg),
     )
     return folder
 
