@@ -8,6 +8,7 @@ Every mask is a float32 tensor of 0/1 in the centered k-space layout of
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -253,32 +254,84 @@ def equispaced_1d_mask(
     return _lines_to_mask(lines, shape)
 
 
+#: The golden ratio's fractional part: frame t shifts the lattice by round(t * GOLDEN * R) mod R,
+#: so consecutive frames interleave and no short run of frames repeats a shift.
+_GOLDEN = (math.sqrt(5) - 1) / 2
+
+
+def _vd_warp(u: np.ndarray, accel: float, vd_degree: float) -> np.ndarray:
+    """Pull uniform positions ``u`` in [-1, 1] towards the centre, keeping the ends fixed.
+
+    ``u * (a |u| + b) ** d`` with ``b = V ** -1``, ``a = 1 - b`` and ``V = accel ** (1 / d)``:
+    at the centre the spacing shrinks by ``b ** d = 1 / accel`` (the lattice's ``accel``
+    spacing becomes one line, so the centre is sampled densely), at the edge the factor is 1.
+    """
+    if vd_degree == 0:
+        return u
+    b = accel ** (-1.0 / vd_degree)
+    return u * ((1 - b) * np.abs(u) + b) ** vd_degree
+
+
+def _snap(positions: np.ndarray, taken: np.ndarray, center: int) -> None:
+    """Put every continuous line position on a free grid line of ``taken``, in place.
+
+    Positions are placed from the centre outwards; one whose line is taken moves to the next
+    free line further out (and, past the edge, to the nearest free line further in), so close
+    positions near the centre spread out instead of merging and the line count is kept.
+    """
+    w = taken.size
+    for q in sorted(positions, key=lambda q: abs(q - center)):
+        line = min(max(int(math.floor(q + 1e-4)), 0), w - 1)
+        step = 1 if q >= center else -1
+        probe = line
+        while 0 <= probe < w and taken[probe]:
+            probe += step
+        if not 0 <= probe < w:
+            probe = line
+            while 0 <= probe < w and taken[probe]:
+                probe -= step
+        if 0 <= probe < w:
+            taken[probe] = True
+
+
 def kt_mask(
     shape: tuple[int, int, int],
     accel: float,
     calib: int = 8,
     seed: Seed = 0,
-    vd_power: float = 2.0,
+    vd_degree: float = 1.5,
+    perturb: float = 0.4,
+    adhere: float = 0.33,
 ) -> Tensor:
-    """Variable-density k-t line mask for Cartesian 2D+time (e.g. cine).
+    """Variable-density k-t (VD-kt) line mask for Cartesian 2D+time, as used for cine.
 
     ```python
-    mask = kt_mask((20, 192, 160), accel=8, calib=8)   # float32 (T, H, W)
+    mask = kt_mask((20, 192, 160), accel=10, calib=0)   # float32 (T, H, W)
     ```
 
-    Each frame samples ``n = round(W / accel)`` phase-encode columns (last dim), shared by all
-    rows (readout, ``H``): the ``calib`` centre columns ``W//2 - calib//2 ...`` in every
-    frame, and ``n - calib`` others drawn without replacement with probability
-    ``∝ (1 - |k| / (W/2 + 1)) ** vd_power`` (``k`` the distance to the centre), independently
-    per frame, so the aliasing differs from frame to frame. Every frame has acceleration
-    ``W / n``, i.e. ``accel`` up to rounding.
+    The sampling the GLEAM paper's cine experiments use (Peng Lai's VD-kt): every frame starts
+    from a uniform lattice of phase-encode columns (last dim) ``accel`` apart, shifted from
+    frame to frame by the golden ratio (``round(t * 0.618 * accel) mod accel``), so that over
+    time the lattices interleave and fill k-space. Each column is jittered by
+    ``perturb * accel * (U - 1/2)``, and its neighbours follow by ``adhere`` times that jitter
+    (columns within ``perturb * accel`` of the edges stay), which breaks the lattice's coherent
+    aliasing. The positions are then warped towards the centre (`_vd_warp`, degree
+    ``vd_degree``): spacing one column at the centre, ``accel`` at the edges, so every frame
+    reaches the edge of k-space. Positions are snapped to free columns from the centre out.
+    The ``calib`` centre columns ``W//2 - calib//2 ...`` are sampled in every frame in place
+    of the lattice's ``calib`` innermost columns, so each frame keeps the lattice's
+    ``ceil((W - shift) / accel)`` columns, an acceleration of ``accel`` up to rounding.
+    All rows (readout, ``H``) of a column are sampled.
 
     Args:
         shape: ``(T, H, W)``.
         accel: Target acceleration per frame (>= 1).
-        calib: Number of fully sampled centre columns (0 <= calib <= W).
+        calib: Number of centre columns sampled in every frame (0 <= calib <= W).
         seed: An int, a sequence of ints, a str or ``None``.
-        vd_power: Density decay away from the centre (>= 0; 0 is uniform).
+        vd_degree: Strength of the density warp (>= 0; 0 keeps the jittered uniform lattice,
+            the paper's code uses 1.5).
+        perturb: Jitter, as a fraction of the lattice spacing (in [0, 1]).
+        adhere: How much of a column's jitter its neighbours follow (in [0, 1]).
 
     Returns:
         A float32 tensor of 0/1 with shape ``(T, H, W)``.
@@ -291,8 +344,11 @@ def kt_mask(
     accel = _check_accel(where, accel)
     if isinstance(calib, bool) or not isinstance(calib, (int, np.integer)) or not 0 <= calib <= w:
         raise ValueError(f"{where}: calib must be an int in [0, W={w}], got {calib!r}")
-    if isinstance(vd_power, bool) or not isinstance(vd_power, (int, float)) or not vd_power >= 0:
-        raise ValueError(f"{where}: vd_power must be a number >= 0, got {vd_power!r}")
+    for name, value, high in (("vd_degree", vd_degree, math.inf), ("perturb", perturb, 1.0),
+                              ("adhere", adhere, 1.0)):  # fmt: skip
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= high:
+            valid = "a number >= 0" if high == math.inf else f"a number in [0, {high:g}]"
+            raise ValueError(f"{where}: {name} must be {valid}, got {value!r}")
     n_lines = int(round(w / accel))
     if n_lines < calib:
         raise ValueError(
@@ -300,15 +356,29 @@ def kt_mask(
             f"fewer than calib={calib}; lower accel or calib"
         )
     rng = _rng(where, seed)
-    start = w // 2 - calib // 2
-    center = np.zeros(w, dtype=bool)
-    center[start : start + calib] = True
-    others = np.flatnonzero(~center)
-    density = (1 - np.abs(others - w // 2) / (w / 2 + 1)) ** vd_power
-    density /= density.sum()
+    center = w // 2
+    start = center - calib // 2
     lines = np.zeros((t, w), dtype=bool)
     for frame in range(t):
-        lines[frame, center] = True
-        picks = rng.choice(others, size=n_lines - calib, replace=False, p=density)
-        lines[frame, picks] = True
+        shift = round(frame * _GOLDEN * accel) % accel
+        q = np.arange(shift, w, accel, dtype=np.float64)
+        if perturb > 0:
+            jitter = perturb * accel * (rng.random_sample(q.size) - 0.5)
+            jitter[(q < perturb * accel) | (q >= w - perturb * accel)] = 0
+            q = q + jitter
+            q[1:] += adhere * jitter[:-1]
+            q[:-1] += adhere * jitter[1:]
+        q = np.clip(q, 0, w - 1)
+        # To [-1, 1] around the centre column (each side scaled to its own length, so both
+        # edges stay reachable when W is even), warp, and back to column positions.
+        side = np.where(q >= center, max(w - 1 - center, 1), max(center, 1))
+        u = _vd_warp((q - center) / side, accel, vd_degree)
+        positions = u * side + center
+        # The warped lattice is about one column apart at the centre, so its ``calib``
+        # innermost positions are what the calibration block replaces: the frame keeps the
+        # lattice's column count whatever ``calib`` is.
+        inner = np.argsort(np.abs(positions - center), kind="stable")[:calib]
+        taken = lines[frame]
+        taken[start : start + calib] = True
+        _snap(np.delete(positions, inner), taken, center)
     return torch.from_numpy(lines.astype(np.float32))[:, None, :].expand(t, h, w).contiguous()

@@ -106,6 +106,35 @@ class TestKt:
         assert torch.all(lines.sum(dim=1) == 8)
         assert lines[:, 30:34].all()
 
+    def test_without_jitter_or_warp_frames_are_golden_ratio_shifted_lattices(self):
+        # An independent statement of the lattice: frame t samples s_t, s_t + R, ... with
+        # s_t = round(0.618034 t R) mod R, so 20 frames of R = 10 cover every column.
+        accel, frames, width = 10, 20, 160
+        mask = kt_mask((frames, 1, width), accel, calib=0, perturb=0.0, vd_degree=0.0)
+        for t in range(frames):
+            shift = round(t * 0.6180339887 * accel) % accel
+            expected = torch.zeros(width)
+            expected[shift::accel] = 1
+            assert torch.equal(mask[t, 0], expected), t
+        assert bool(mask[:, 0].any(dim=0).all())
+
+    def test_vd_kt_reaches_the_edge_and_covers_most_lines_over_time(self):
+        # The paper's cine setting (VD-kt, R = 10, 160 phase encodes, 20 frames): its sampler
+        # reaches |ky| = 80 and samples 125-136 distinct lines; independent random draws per
+        # frame with a decaying density reached only 71 and 100-107.
+        width, centre = 160, 80
+        for seed in range(5):
+            lines = kt_mask((20, 1, width), 10, calib=1, seed=seed)[:, 0, :]
+            assert torch.all(lines.sum(dim=1) == 16)  # R = 10 in every frame
+            ever = lines.any(dim=0)
+            assert 120 <= int(ever.sum()) <= 140, seed
+            reach = (torch.arange(width) - centre).abs()[ever].max()
+            assert int(reach) >= 78, seed
+            assert bool(lines[:, centre].all())
+            # Dense centre, sparse edge: one column apart at the centre, R at the edges.
+            near, far = lines[:, centre - 8 : centre + 8].mean(), lines[:, :40].mean()
+            assert near > 3 * far > 0
+
     def test_frames_differ_and_seed_is_deterministic(self):
         a = kt_mask((4, 2, 48), 4, calib=4, seed=5)
         assert not torch.equal(a[0], a[1])
@@ -120,7 +149,10 @@ class TestKt:
         with pytest.raises(ValueError, match=r"accel=16.*fewer than calib=8"):
             kt_mask((2, 4, 64), 16, calib=8)
 
-    @pytest.mark.parametrize("kw", [{"shape": (4, 8)}, {"calib": 65}, {"vd_power": -1}])
+    @pytest.mark.parametrize(
+        "kw",
+        [{"shape": (4, 8)}, {"calib": 65}, {"vd_degree": -1}, {"perturb": 1.5}, {"adhere": -0.1}],
+    )
     def test_bad_arguments(self, kw):
         args = {"shape": (2, 4, 64), "accel": 4} | kw
         with pytest.raises(ValueError, match=next(iter(kw))):
