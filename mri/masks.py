@@ -208,16 +208,21 @@ def random_1d_mask(
 def equispaced_1d_mask(
     shape: Sequence[int], accel: float, center_fraction: float = 0.08, seed: Seed = 0
 ) -> Tensor:
-    """fastMRI's equispaced column mask (``EquispacedMaskFunc`` with one acceleration).
+    """fastMRI's equispaced column mask that keeps a fraction ``1 / accel`` of the columns.
 
     ```python
     mask = equispaced_1d_mask((640, 368), accel=4, center_fraction=0.08, seed=0)
     ```
 
-    The centre columns as in [`random_1d_mask`][mri.masks.random_1d_mask], plus columns every
-    ``a = accel * (n_center - W) / (n_center * accel - W)`` (rounded) from a random offset in
-    ``[0, round(a))``, which brings the total close to ``W / accel``. fastMRI's quirk that
-    rounding can make spacings uneven is kept, to match its public data.
+    This is fastMRI's ``EquispacedMaskFractionFunc`` (fastMRI >= 0.2) with one acceleration,
+    which is what fastMRI 0.1 called ``EquispacedMaskFunc``. It is not the newer
+    ``EquispacedMaskFunc``, which samples every ``accel``-th column exactly (so the centre
+    comes on top and the total exceeds ``W / accel``). The centre columns as in
+    [`random_1d_mask`][mri.masks.random_1d_mask], plus columns at
+    ``round(offset + k * a)`` with ``a = accel * (n_center - W) / (n_center * accel - W)`` and
+    a random ``offset`` in ``[0, round(a))``, which brings the total close to ``W / accel``.
+    Spacings alternate between ``floor(a)`` and ``ceil(a)`` where ``a`` is not an integer, as in
+    fastMRI.
 
     Args:
         shape: Mask shape ``(..., W)``; sampling is along the last dim.

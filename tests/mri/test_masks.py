@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -82,6 +83,33 @@ class TestOneDimensional:
         gaps = outside[1:] - outside[:-1]
         # fastMRI's adjusted spacing is 4 * (26 - 320) / (26 * 4 - 320) = 5.44, rounded per line.
         assert set(gaps[gaps < 10].tolist()) <= {5, 6}
+
+    @pytest.mark.parametrize(
+        ("fname", "width", "fraction", "accel"),
+        [("file1000000.h5", 368, 0.08, 4), ("file_brain_AXT2_200_2000019.h5", 320, 0.04, 8),
+         ("x.h5", 396, 0.04, 8)],
+    )  # fmt: skip
+    def test_equispaced_mask_is_fastmris_fraction_func(self, fname, width, fraction, accel):
+        # fastMRI's EquispacedMaskFractionFunc, derived from its definition: seed the legacy
+        # RandomState with the file name's code points, draw the (fraction, accel) pair, then
+        # an offset below the adjusted spacing a that makes the total W / accel.
+        rng = np.random.RandomState(tuple(map(ord, fname)))
+        rng.randint(1)
+        n_low = round(width * fraction)
+        spacing = accel * (n_low - width) / (n_low * accel - width)
+        offset = rng.randint(0, round(spacing))
+        expected = np.zeros(width, dtype=np.float32)
+        pad = (width - n_low + 1) // 2
+        expected[pad : pad + n_low] = 1
+        expected[np.around(np.arange(offset, width - 1, spacing)).astype(int)] = 1
+        got = equispaced_1d_mask((2, width), accel, fraction, seed=fname)[0].numpy()
+        assert np.array_equal(got, expected)
+        assert abs(got.sum() - width / accel) <= 2
+        # The newer EquispacedMaskFunc (every accel-th column, the centre on top) differs.
+        newer = np.zeros(width, dtype=np.float32)
+        newer[offset::accel] = 1
+        newer[pad : pad + n_low] = 1
+        assert not np.array_equal(got, newer)
 
     @pytest.mark.parametrize("fn", [random_1d_mask, equispaced_1d_mask])
     def test_centre_larger_than_budget_is_an_error(self, fn):
