@@ -1,9 +1,10 @@
 """From h5 slice files to network inputs: masked samples, batches, and ``(x0, target, meas)``.
 
-:class:`SliceDataset` indexes every slice (volume, cine series) of the h5 files in a folder and
-undersamples it on the fly. Training masks are random per sample and epoch (drawn from a bank of
-seeded masks, because SigPy's Poisson-disc generator is too slow to call every step); validation
-and test masks are fixed per file, seeded from the file name, so every slice of a volume shares
+`SliceDataset` indexes every slice (volume, cine series) of the h5 files in a folder and
+undersamples it on the fly. Training masks are drawn fresh for every sample and epoch, as in the
+paper (`mri.masks.PoissonDiscSampler` makes Poisson-disc masks cheap enough for that), or
+taken from a bank of ``data.mask_bank`` seeded masks; validation and test masks are fixed per
+file, seeded from the file name, so every slice of a volume shares
 one mask and every run sees the same ones. k-space and target are scaled so that the 95th
 percentile of the zero-filled magnitude is 1 (a top-magnitude normalisation, as in the meddlr
 pipeline GLEAM was trained with), which keeps learning rates independent of scanner units.
@@ -35,11 +36,7 @@ __all__ = [
     "prepare_builtin",
     "make_loader",
     "batch_to_inputs",
-    "MASK_BANK_SIZE",
 ]
-
-#: Distinct training masks per dataset; each is seeded by (seed, index) and made when first used.
-MASK_BANK_SIZE = 64
 
 
 def _stable_seed(*parts: Any) -> int:
@@ -103,7 +100,8 @@ class SliceDataset(Dataset):
     Args:
         folder: a folder of h5 slice files (``mri.data.h5format``).
         cfg: the config; ``cfg.data`` gives the mask type, acceleration and calibration.
-        train: random masks per sample and epoch (else one fixed mask per file).
+        train: random masks per sample and epoch (else one fixed mask per file): fresh ones,
+            or from a bank of ``cfg.data.mask_bank`` masks if that is > 0.
         seed: the seed of the training masks.
 
     Each item is a dict: ``kspace`` (C, *spatial) undersampled, ``maps`` (C, *spatial),
@@ -145,11 +143,18 @@ class SliceDataset(Dataset):
             )
         self._bank: dict[tuple[int, tuple[int, ...]], torch.Tensor] = {}
         self._fixed: dict[str, torch.Tensor] = {}
+        self._samplers: dict[tuple[int, ...], masks.PoissonDiscSampler] = {}
+        fresh_poisson = train and cfg.data.mask_bank == 0 and cfg.data.mask == "poisson"
         for shape in sorted(set(self.shapes.values())):
             try:
-                # One draw per shape up front (kept: it is the first training mask), so an
-                # impossible acceleration is refused before training starts, naming the keys.
-                self._bank_mask(0, shape)
+                # One draw per shape up front, so an impossible acceleration is refused before
+                # training starts, naming the keys (the sampler draws its calibration masks).
+                if fresh_poisson:
+                    self._samplers[shape] = masks.PoissonDiscSampler(
+                        shape[-2:], cfg.data.accel, calib=cfg.data.calib
+                    )
+                else:
+                    self._bank_mask(0, shape)
             except ValueError as err:
                 raise ConfigError(
                     f"data.accel: {cfg.data.accel} with data.mask={cfg.data.mask!r} cannot be "
@@ -168,7 +173,9 @@ class SliceDataset(Dataset):
         plane = spatial[-2:]
         if d.mask == "kt":
             return masks.kt_mask(tuple(spatial), d.accel, calib=d.calib, seed=seed)
-        if d.mask == "poisson":
+        if d.mask == "poisson" and spatial in self._samplers:
+            m = self._samplers[spatial](seed)
+        elif d.mask == "poisson":
             m = masks.poisson_disc_mask(plane, d.accel, calib=d.calib, seed=seed)
         elif d.mask == "random1d":
             m = masks.random_1d_mask(plane, d.accel, d.center_fraction, seed=seed)
@@ -187,9 +194,11 @@ class SliceDataset(Dataset):
         """The mask of item ``i`` in the current epoch."""
         path, j = self.index[i]
         spatial = self.shapes[path]
+        if self.train and self.cfg.data.mask_bank == 0:
+            return self._draw_mask(spatial, _stable_seed("fresh", self.seed, self.epoch, i))
         if self.train:
-            return self._bank_mask(_stable_seed("pick", self.seed, self.epoch, i) % MASK_BANK_SIZE,
-                                   spatial)  # fmt: skip
+            pick = _stable_seed("pick", self.seed, self.epoch, i) % self.cfg.data.mask_bank
+            return self._bank_mask(pick, spatial)
         if path.name not in self._fixed:
             self._fixed[path.name] = self._draw_mask(spatial, _stable_seed("file", path.name))
         return self._fixed[path.name]

@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from mri.masks import equispaced_1d_mask, kt_mask, poisson_disc_mask, random_1d_mask
+from mri.masks import (
+    PoissonDiscSampler,
+    equispaced_1d_mask,
+    kt_mask,
+    poisson_disc_mask,
+    random_1d_mask,
+)
 
 
 def accel_of(mask: torch.Tensor) -> float:
@@ -50,6 +56,39 @@ class TestPoissonDisc:
         args = {"shape": (32, 32), "accel": 4, "calib": 8} | kw
         with pytest.raises(ValueError, match=match):
             poisson_disc_mask(**args)
+
+
+class TestPoissonDiscSampler:
+    def test_fresh_masks_meet_accel_keep_the_centre_and_are_reproducible(self):
+        sampler = PoissonDiscSampler((64, 64), 6, calib=12)
+        drawn = [sampler(seed) for seed in range(10, 16)]
+        for mask in drawn:
+            assert mask.shape == (64, 64) and mask.dtype == torch.float32
+            assert abs(accel_of(mask) - 6) < 0.1
+            assert mask[26:38, 26:38].all()
+        assert len({m.numpy().tobytes() for m in drawn}) == len(drawn)
+        assert torch.equal(PoissonDiscSampler((64, 64), 6, calib=12)(12), drawn[2])
+        # Variable density: the ring around the calibration block is sampled more densely
+        # than the periphery, averaged over masks.
+        mean = torch.stack(drawn).mean(dim=0)
+        radius = torch.hypot(*torch.meshgrid(torch.arange(64.0) - 32, torch.arange(64.0) - 32,
+                                             indexing="ij"))  # fmt: skip
+        ring, edge = mean[(radius > 8) & (radius < 14)], mean[(radius > 24) & (radius < 31)]
+        assert ring.mean() > 1.5 * edge.mean() > 0
+
+    def test_no_two_samples_are_neighbours_closer_than_the_disc_allows(self):
+        # A Poisson-disc pattern: outside the calibration block, no two samples are adjacent
+        # at the lowest densities (radius >= 1 everywhere, growing with distance).
+        mask = PoissonDiscSampler((64, 64), 8, calib=8)(3)
+        corner = mask[:16, :16]
+        assert not bool((corner[:, 1:] * corner[:, :-1]).any())
+        assert not bool((corner[1:, :] * corner[:-1, :]).any())
+
+    def test_impossible_requests_and_bad_seeds_are_refused(self):
+        with pytest.raises(ValueError, match=r"accel=100.*cannot be met"):
+            PoissonDiscSampler((32, 32), 100, calib=8)
+        with pytest.raises(ValueError, match=r"seed must be an int >= 0, got -1"):
+            PoissonDiscSampler((32, 32), 4, calib=8)(-1)
 
 
 class TestOneDimensional:

@@ -179,3 +179,21 @@ def test_a_batch_size_no_group_can_fill_is_refused_naming_the_groups(mixed_root)
         DataFormatError, match=r"no group of train.batch_size=5 .*4 coils x \[32, 32\]"
     ):
         make_loader(mixed_root, "train", cfg, shuffle=True)
+
+
+def test_training_masks_are_fresh_per_sample_by_default_and_a_bank_on_request(data_root):
+    cfg, root = data_root
+    assert cfg.data.mask_bank == 0
+    ds = SliceDataset(root / "train", cfg, train=True)
+    fresh = set()
+    for epoch in range(3):
+        ds.set_epoch(epoch)
+        fresh |= {ds.mask_for(i).numpy().tobytes() for i in range(len(ds))}
+    assert len(fresh) == 3 * len(ds)  # a new mask for every (epoch, item)
+    bank_cfg = load_config("cpu-tiny", {**OVERRIDES, "data.mask_bank": 2})
+    banked = SliceDataset(root / "train", bank_cfg, train=True)
+    drawn = set()
+    for epoch in range(3):
+        banked.set_epoch(epoch)
+        drawn |= {banked.mask_for(i).numpy().tobytes() for i in range(len(banked))}
+    assert len(drawn) <= 2
