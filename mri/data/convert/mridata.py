@@ -1,9 +1,8 @@
 """mridata.org ISMRMRD (3D Cartesian, e.g. the Stanford fully sampled 3D FSE knees) to slices.
 
 Acquisitions are placed by their ky and kz (or, for the hybrid-space knee files, slice)
-indices into a (coils, kx, ky, kz) array; an
-inverse FFT along the readout splits the volume into 2D (ky, kz) slices, each with JSENSE maps
-and a SENSE-combined target.
+indices into a (coils, kx, ky, kz) array; an inverse FFT along the readout splits the volume
+into 2D (ky, kz) slices, each with JSENSE maps and a SENSE-combined target.
 """
 
 from __future__ import annotations
