@@ -70,13 +70,15 @@ def _layout(where: str, enc: Any) -> tuple[str, int]:
     matrix_z = int(enc.encodedSpace.matrixSize.z or 1)
     num_slice = _span(getattr(limits, "slice", None) if limits is not None else None)
     if num_slice >= 8:
-        limit_z = getattr(limits, "kspace_encoding_step_2", None)
-        num_kz = max(_span(limit_z), matrix_z)
-        if num_kz > 2:
+        # matrixSize.z is 1 in the knee files, but a writer may also give the partition count
+        # there; the kz encoding limits are what tells the layouts apart.
+        num_kz = _span(getattr(limits, "kspace_encoding_step_2", None))
+        if num_kz > 2 or matrix_z not in (1, 2, num_slice):
             raise DataFormatError(
-                f"{where}: header declares both {num_kz} kz encodes (kspace_encoding_step_2 / "
-                f"matrixSize.z) and {num_slice} slices; multi-slab 3D is not supported "
-                "(expected either kz encodes or hybrid-space slices, as mridata.org knees use)"
+                f"{where}: header declares both {max(num_kz, matrix_z)} kz encodes "
+                f"(kspace_encoding_step_2 / matrixSize.z) and {num_slice} slices; multi-slab 3D "
+                "is not supported (expected either kz encodes or hybrid-space slices, as "
+                "mridata.org knees use)"
             )
         return LAYOUT_HYBRID, num_slice
     limit_z = _header_limit(where, limits, "kspace_encoding_step_2")
