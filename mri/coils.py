@@ -13,7 +13,25 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-__all__ = ["birdcage_maps", "estimate_maps_espirit", "estimate_maps_jsense"]
+__all__ = [
+    "birdcage_maps",
+    "estimate_maps_espirit",
+    "estimate_maps_jsense",
+    "random_birdcage_maps",
+]
+
+
+def _check_shape_coils(where: str, shape: tuple[int, ...], num_coils: int) -> None:
+    if (
+        not isinstance(shape, (tuple, list, torch.Size))
+        or len(shape) not in (2, 3)
+        or any(isinstance(s, bool) or not isinstance(s, (int, np.integer)) or s < 1 for s in shape)
+    ):
+        raise ValueError(
+            f"{where}: shape must be (H, W) or (D, H, W) of positive ints, got {shape!r}"
+        )
+    if isinstance(num_coils, bool) or not isinstance(num_coils, (int, np.integer)) or num_coils < 1:
+        raise ValueError(f"{where}: num_coils must be an int >= 1, got {num_coils!r}")
 
 
 def birdcage_maps(
@@ -45,22 +63,69 @@ def birdcage_maps(
     Raises:
         ValueError: On a shape that is not 2D/3D positive ints, or ``num_coils < 1``.
     """
-    where = "birdcage_maps"
-    if (
-        not isinstance(shape, (tuple, list, torch.Size))
-        or len(shape) not in (2, 3)
-        or any(isinstance(s, bool) or not isinstance(s, (int, np.integer)) or s < 1 for s in shape)
-    ):
-        raise ValueError(
-            f"{where}: shape must be (H, W) or (D, H, W) of positive ints, got {shape!r}"
-        )
-    if isinstance(num_coils, bool) or not isinstance(num_coils, (int, np.integer)) or num_coils < 1:
-        raise ValueError(f"{where}: num_coils must be an int >= 1, got {num_coils!r}")
+    _check_shape_coils("birdcage_maps", shape, num_coils)
     if not r > 0:
-        raise ValueError(f"{where}: r must be > 0, got {r!r}")
+        raise ValueError(f"birdcage_maps: r must be > 0, got {r!r}")
     maps = sigpy.mri.birdcage_maps((int(num_coils), *map(int, shape)), r=r, nzz=nzz)
     # SigPy normalises already; repeating it is cheap and makes the guarantee ours.
     maps = maps / np.sqrt(np.sum(np.abs(maps) ** 2, axis=0, keepdims=True))
+    return torch.from_numpy(maps.astype(np.complex64))
+
+
+def random_birdcage_maps(
+    shape: tuple[int, ...],
+    num_coils: int,
+    rng: np.random.Generator,
+    nzz: int = 8,
+) -> Tensor:
+    """Birdcage-like coil maps with a random coil placement, one draw per scanned subject.
+
+    ```python
+    maps = random_birdcage_maps((64, 64), 8, np.random.default_rng(0))  # complex64 (8, 64, 64)
+    ```
+
+    Each coil is a conductor outside the field of view whose sensitivity falls off as one over
+    the distance, with a phase that turns with the angle around it (the model of
+    [`birdcage_maps`][mri.coils.birdcage_maps]). Subjects do not sit the same way in a coil,
+    so the array is rotated by a random angle, moved by up to 15% of the field of view, its
+    radius drawn from 1.2 to 2.0 (relative to the half field of view), and every coil gets a
+    gain from 0.7 to 1.3 (loading differs per coil). Maps are normalised to unit
+    root-sum-of-squares. In 3D, coils stand in rings of ``nzz`` along the first axis.
+
+    Args:
+        shape: Spatial shape, ``(H, W)`` or ``(D, H, W)``.
+        num_coils: Number of coils (>= 1).
+        rng: The random generator of the placement.
+        nzz: Coils per ring in 3D.
+
+    Returns:
+        A complex64 tensor of shape ``(num_coils, *shape)``.
+
+    Raises:
+        ValueError: On a shape that is not 2D/3D positive ints, or ``num_coils < 1``.
+    """
+    _check_shape_coils("random_birdcage_maps", shape, num_coils)
+    if not isinstance(rng, np.random.Generator):
+        raise TypeError(f"random_birdcage_maps: rng must be a numpy Generator, got {rng!r}")
+    grids = np.meshgrid(*(np.arange(n) for n in shape), indexing="ij")
+    # Normalised coordinates in [-1, 1) per axis, the in-plane ones last (y, x).
+    coords = [(g - n / 2.0) / (n / 2.0) for g, n in zip(grids, shape, strict=True)]
+    y, x = coords[-2] - rng.uniform(-0.15, 0.15), coords[-1] - rng.uniform(-0.15, 0.15)
+    rotation = rng.uniform(0, 2 * np.pi)
+    radius = rng.uniform(1.2, 2.0)
+    per_ring = num_coils if len(shape) == 2 else min(nzz, num_coils)
+    rings = -(-num_coils // per_ring)
+    gains = rng.uniform(0.7, 1.3, size=num_coils)
+    maps = np.empty((num_coils, *shape), dtype=np.complex128)
+    for c in range(num_coils):
+        ring, k = divmod(c, per_ring)
+        angle = rotation + 2 * np.pi * k / per_ring
+        dx, dy = x - radius * np.cos(angle), y - radius * np.sin(angle)
+        dist2 = dx**2 + dy**2
+        if len(shape) == 3:
+            dist2 = dist2 + (coords[0] - (ring - 0.5 * (rings - 1))) ** 2
+        maps[c] = gains[c] / np.sqrt(dist2) * np.exp(1j * (np.arctan2(dx, -dy) - angle))
+    maps /= np.sqrt(np.sum(np.abs(maps) ** 2, axis=0, keepdims=True))
     return torch.from_numpy(maps.astype(np.complex64))
 
 

@@ -83,6 +83,11 @@ class DataConfig:
         accel: acceleration R (>= 1).
         calib: fully sampled calibration width (Poisson disc, k-t).
         center_fraction: fully sampled centre fraction (1D masks).
+        maps: coil maps the built-in data stores for reconstruction: ``"espirit"`` or
+            ``"jsense"`` estimates from the calibration region, or ``"true"`` (the maps the
+            data were simulated with: an inverse crime, for comparison only).
+        mask_bank: 0 draws a fresh random training mask for every sample (as the paper);
+            N > 0 reuses a bank of N seeded masks.
     """
 
     kind: Literal["2d", "3d", "cine"] = "2d"
@@ -97,6 +102,8 @@ class DataConfig:
     accel: float = 6.0
     calib: int = 16
     center_fraction: float = 0.08
+    maps: Literal["espirit", "jsense", "true"] = "espirit"
+    mask_bank: int = 0
 
 
 @dataclass
@@ -289,6 +296,7 @@ def _check_values(cfg: Config) -> None:
     need(d.accel >= 1, "data.accel", d.accel, "the acceleration must be >= 1")
     need(d.calib >= 0, "data.calib", d.calib, "must be >= 0")
     need(0 < d.center_fraction <= 1, "data.center_fraction", d.center_fraction, "must be in (0, 1]")
+    need(d.mask_bank >= 0, "data.mask_bank", d.mask_bank, "must be >= 0 (0: fresh masks)")
     need((d.mask == "kt") == (d.kind == "cine"), "data.mask", d.mask,
          "use 'kt' for cine and 'poisson', 'random1d' or 'equispaced1d' otherwise")  # fmt: skip
     need(m.conv_dim == (2 if d.kind == "2d" else 3), "model.conv_dim", m.conv_dim,

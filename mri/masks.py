@@ -8,6 +8,7 @@ Every mask is a float32 tensor of 0/1 in the centered k-space layout of
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -15,7 +16,13 @@ import sigpy.mri
 import torch
 from torch import Tensor
 
-__all__ = ["poisson_disc_mask", "random_1d_mask", "equispaced_1d_mask", "kt_mask"]
+__all__ = [
+    "PoissonDiscSampler",
+    "poisson_disc_mask",
+    "random_1d_mask",
+    "equispaced_1d_mask",
+    "kt_mask",
+]
 
 Seed = int | str | Sequence[int] | None
 
@@ -140,6 +147,116 @@ def poisson_disc_mask(
     raise AssertionError("unreachable")
 
 
+class PoissonDiscSampler:
+    """Fresh variable-density Poisson-disc masks, cheap enough to draw one per training sample.
+
+    ```python
+    sampler = PoissonDiscSampler((320, 320), accel=12, calib=20)
+    mask = sampler(seed=1234)                          # float32 (320, 320)
+    ```
+
+    The masks are those of [`poisson_disc_mask`][mri.masks.poisson_disc_mask]: SigPy's
+    Poisson-disc kernel (``sigpy.mri.samp._poisson``) with its radius law, growing linearly
+    with the distance from the calibration block, and its tolerance on the achieved
+    acceleration. SigPy bisects the slope of that law over ``[0, max(H, W)]`` for every mask
+    (about 14 kernel calls, 6-8 s per 320x320 mask on one core); here the slopes that meet
+    ``accel`` for a few calibration seeds bound the search once, and each mask searches only
+    inside that bracket, by secant steps (2-3 calls, 0.5-1 s at 320x320, 60 ms at 96x96).
+    A mask is a function of its seed alone, so masks are reproducible in any process and
+    order. A seed whose bracket search fails falls back to
+    [`poisson_disc_mask`][mri.masks.poisson_disc_mask].
+
+    Args:
+        shape: ``(H, W)``.
+        accel: Target acceleration (> 1).
+        calib: Side of the fully sampled centre block, or a pair ``(ch, cw)``.
+        tol: Allowed difference between the achieved and the target acceleration.
+
+    Raises:
+        ValueError: as [`poisson_disc_mask`][mri.masks.poisson_disc_mask] on arguments that no
+            mask can meet (checked by drawing the calibration masks).
+    """
+
+    _CALIBRATION_SEEDS = 4
+    _MAX_CALLS = 12
+
+    def __init__(
+        self,
+        shape: tuple[int, int],
+        accel: float,
+        calib: int | tuple[int, int] = 24,
+        tol: float = 0.1,
+    ) -> None:
+        poisson_disc_mask(shape, accel, calib=calib, seed=0, tol=tol)  # validates, or raises
+        from sigpy.mri.samp import _poisson
+
+        self._kernel = _poisson
+        self.shape = (int(shape[0]), int(shape[1]))
+        self.accel = float(accel)
+        self.calib = (
+            (int(calib), int(calib)) if isinstance(calib, (int, np.integer)) else tuple(calib)
+        )
+        self.tol = float(tol)
+        h, w = self.shape
+        y, x = np.mgrid[:h, :w]
+        x = np.maximum(abs(x - w / 2) - self.calib[1] / 2, 0)
+        y = np.maximum(abs(y - h / 2) - self.calib[0] / 2, 0)
+        self._r = np.sqrt((x / max(x.max(), 1)) ** 2 + (y / max(y.max(), 1)) ** 2)
+        self._bracket = (0.0, float(max(h, w)))
+        slopes = [self._search(seed, self._bracket)[1] for seed in range(self._CALIBRATION_SEEDS)]
+        found = [s for s in slopes if s is not None]
+        self._start: float | None = None
+        if found:
+            self._bracket = (0.8 * min(found), 1.25 * max(found) + 1e-3)
+            self._start = float(np.median(found))
+
+    def _draw(self, slope: float, seed: int) -> np.ndarray:
+        h, w = self.shape
+        scale = 1 + self._r * slope
+        radius_x = np.clip(scale * w / max(h, w), 1, None)
+        radius_y = np.clip(scale * h / max(h, w), 1, None)
+        return self._kernel(w, h, 30, radius_x, radius_y, self.calib, seed)
+
+    def _search(
+        self, seed: int, bracket: tuple[float, float], start: float | None = None
+    ) -> tuple[np.ndarray | None, float | None]:
+        # The achieved acceleration grows smoothly with the slope, so a secant step from the
+        # last two tries usually lands within tol in 2-3 kernel calls; a step that leaves
+        # the bracket is replaced by bisection, which always shrinks it.
+        lo, hi = bracket
+        slope = (lo + hi) / 2 if start is None else start
+        tried: list[tuple[float, float]] = []
+        for _ in range(self._MAX_CALLS):
+            mask = self._draw(slope, seed)
+            achieved = mask.size / max(float(mask.sum()), 1.0)
+            if abs(achieved - self.accel) < self.tol:
+                return mask, slope
+            lo, hi = (slope, hi) if achieved < self.accel else (lo, slope)
+            tried.append((slope, achieved))
+            guess = None
+            if len(tried) >= 2 and tried[-1][1] != tried[-2][1]:
+                (s1, a1), (s2, a2) = tried[-2:]
+                guess = s2 + (self.accel - a2) * (s2 - s1) / (a2 - a1)
+            slope = guess if guess is not None and lo < guess < hi else (lo + hi) / 2
+        return None, None
+
+    def __call__(self, seed: int) -> Tensor:
+        """The mask of ``seed`` (a non-negative int), float32 ``(H, W)``."""
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise ValueError(f"PoissonDiscSampler: seed must be an int >= 0, got {seed!r}")
+        seed = int(seed) % 2**32
+        state = np.random.get_state()  # the kernel seeds numpy's global generator
+        try:
+            mask, _ = self._search(seed, self._bracket, self._start)
+        finally:
+            np.random.set_state(state)
+        if mask is None:
+            return poisson_disc_mask(
+                self.shape, self.accel, calib=self.calib, seed=seed, tol=self.tol
+            )
+        return torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32))
+
+
 def _center_lines(where: str, num_cols: int, center_fraction: object) -> int:
     if (
         isinstance(center_fraction, bool)
@@ -207,16 +324,21 @@ def random_1d_mask(
 def equispaced_1d_mask(
     shape: Sequence[int], accel: float, center_fraction: float = 0.08, seed: Seed = 0
 ) -> Tensor:
-    """fastMRI's equispaced column mask (``EquispacedMaskFunc`` with one acceleration).
+    """fastMRI's equispaced column mask that keeps a fraction ``1 / accel`` of the columns.
 
     ```python
     mask = equispaced_1d_mask((640, 368), accel=4, center_fraction=0.08, seed=0)
     ```
 
-    The centre columns as in [`random_1d_mask`][mri.masks.random_1d_mask], plus columns every
-    ``a = accel * (n_center - W) / (n_center * accel - W)`` (rounded) from a random offset in
-    ``[0, round(a))``, which brings the total close to ``W / accel``. fastMRI's quirk that
-    rounding can make spacings uneven is kept, to match its public data.
+    This is fastMRI's ``EquispacedMaskFractionFunc`` (fastMRI >= 0.2) with one acceleration,
+    which is what fastMRI 0.1 called ``EquispacedMaskFunc``. It is not the newer
+    ``EquispacedMaskFunc``, which samples every ``accel``-th column exactly (so the centre
+    comes on top and the total exceeds ``W / accel``). The centre columns as in
+    [`random_1d_mask`][mri.masks.random_1d_mask], plus columns at
+    ``round(offset + k * a)`` with ``a = accel * (n_center - W) / (n_center * accel - W)`` and
+    a random ``offset`` in ``[0, round(a))``, which brings the total close to ``W / accel``.
+    Spacings alternate between ``floor(a)`` and ``ceil(a)`` where ``a`` is not an integer, as in
+    fastMRI.
 
     Args:
         shape: Mask shape ``(..., W)``; sampling is along the last dim.
@@ -253,32 +375,84 @@ def equispaced_1d_mask(
     return _lines_to_mask(lines, shape)
 
 
+#: The golden ratio's fractional part: frame t shifts the lattice by round(t * GOLDEN * R) mod R,
+#: so consecutive frames interleave and no short run of frames repeats a shift.
+_GOLDEN = (math.sqrt(5) - 1) / 2
+
+
+def _vd_warp(u: np.ndarray, accel: float, vd_degree: float) -> np.ndarray:
+    """Pull uniform positions ``u`` in [-1, 1] towards the centre, keeping the ends fixed.
+
+    ``u * (a |u| + b) ** d`` with ``b = V ** -1``, ``a = 1 - b`` and ``V = accel ** (1 / d)``:
+    at the centre the spacing shrinks by ``b ** d = 1 / accel`` (the lattice's ``accel``
+    spacing becomes one line, so the centre is sampled densely), at the edge the factor is 1.
+    """
+    if vd_degree == 0:
+        return u
+    b = accel ** (-1.0 / vd_degree)
+    return u * ((1 - b) * np.abs(u) + b) ** vd_degree
+
+
+def _snap(positions: np.ndarray, taken: np.ndarray, center: int) -> None:
+    """Put every continuous line position on a free grid line of ``taken``, in place.
+
+    Positions are placed from the centre outwards; one whose line is taken moves to the next
+    free line further out (and, past the edge, to the nearest free line further in), so close
+    positions near the centre spread out instead of merging and the line count is kept.
+    """
+    w = taken.size
+    for q in sorted(positions, key=lambda q: abs(q - center)):
+        line = min(max(int(math.floor(q + 1e-4)), 0), w - 1)
+        step = 1 if q >= center else -1
+        probe = line
+        while 0 <= probe < w and taken[probe]:
+            probe += step
+        if not 0 <= probe < w:
+            probe = line
+            while 0 <= probe < w and taken[probe]:
+                probe -= step
+        if 0 <= probe < w:
+            taken[probe] = True
+
+
 def kt_mask(
     shape: tuple[int, int, int],
     accel: float,
     calib: int = 8,
     seed: Seed = 0,
-    vd_power: float = 2.0,
+    vd_degree: float = 1.5,
+    perturb: float = 0.4,
+    adhere: float = 0.33,
 ) -> Tensor:
-    """Variable-density k-t line mask for Cartesian 2D+time (e.g. cine).
+    """Variable-density k-t (VD-kt) line mask for Cartesian 2D+time, as used for cine.
 
     ```python
-    mask = kt_mask((20, 192, 160), accel=8, calib=8)   # float32 (T, H, W)
+    mask = kt_mask((20, 192, 160), accel=10, calib=0)   # float32 (T, H, W)
     ```
 
-    Each frame samples ``n = round(W / accel)`` phase-encode columns (last dim), shared by all
-    rows (readout, ``H``): the ``calib`` centre columns ``W//2 - calib//2 ...`` in every
-    frame, and ``n - calib`` others drawn without replacement with probability
-    ``∝ (1 - |k| / (W/2 + 1)) ** vd_power`` (``k`` the distance to the centre), independently
-    per frame, so the aliasing differs from frame to frame. Every frame has acceleration
-    ``W / n``, i.e. ``accel`` up to rounding.
+    The sampling the GLEAM paper's cine experiments use (Peng Lai's VD-kt): every frame starts
+    from a uniform lattice of phase-encode columns (last dim) ``accel`` apart, shifted from
+    frame to frame by the golden ratio (``round(t * 0.618 * accel) mod accel``), so that over
+    time the lattices interleave and fill k-space. Each column is jittered by
+    ``perturb * accel * (U - 1/2)``, and its neighbours follow by ``adhere`` times that jitter
+    (columns within ``perturb * accel`` of the edges stay), which breaks the lattice's coherent
+    aliasing. The positions are then warped towards the centre (`_vd_warp`, degree
+    ``vd_degree``): spacing one column at the centre, ``accel`` at the edges, so every frame
+    reaches the edge of k-space. Positions are snapped to free columns from the centre out.
+    The ``calib`` centre columns ``W//2 - calib//2 ...`` are sampled in every frame in place
+    of the lattice's ``calib`` innermost columns, so each frame keeps the lattice's
+    ``ceil((W - shift) / accel)`` columns, an acceleration of ``accel`` up to rounding.
+    All rows (readout, ``H``) of a column are sampled.
 
     Args:
         shape: ``(T, H, W)``.
         accel: Target acceleration per frame (>= 1).
-        calib: Number of fully sampled centre columns (0 <= calib <= W).
+        calib: Number of centre columns sampled in every frame (0 <= calib <= W).
         seed: An int, a sequence of ints, a str or ``None``.
-        vd_power: Density decay away from the centre (>= 0; 0 is uniform).
+        vd_degree: Strength of the density warp (>= 0; 0 keeps the jittered uniform lattice,
+            the paper's code uses 1.5).
+        perturb: Jitter, as a fraction of the lattice spacing (in [0, 1]).
+        adhere: How much of a column's jitter its neighbours follow (in [0, 1]).
 
     Returns:
         A float32 tensor of 0/1 with shape ``(T, H, W)``.
@@ -291,8 +465,11 @@ def kt_mask(
     accel = _check_accel(where, accel)
     if isinstance(calib, bool) or not isinstance(calib, (int, np.integer)) or not 0 <= calib <= w:
         raise ValueError(f"{where}: calib must be an int in [0, W={w}], got {calib!r}")
-    if isinstance(vd_power, bool) or not isinstance(vd_power, (int, float)) or not vd_power >= 0:
-        raise ValueError(f"{where}: vd_power must be a number >= 0, got {vd_power!r}")
+    for name, value, high in (("vd_degree", vd_degree, math.inf), ("perturb", perturb, 1.0),
+                              ("adhere", adhere, 1.0)):  # fmt: skip
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= high:
+            valid = "a number >= 0" if high == math.inf else f"a number in [0, {high:g}]"
+            raise ValueError(f"{where}: {name} must be {valid}, got {value!r}")
     n_lines = int(round(w / accel))
     if n_lines < calib:
         raise ValueError(
@@ -300,15 +477,29 @@ def kt_mask(
             f"fewer than calib={calib}; lower accel or calib"
         )
     rng = _rng(where, seed)
-    start = w // 2 - calib // 2
-    center = np.zeros(w, dtype=bool)
-    center[start : start + calib] = True
-    others = np.flatnonzero(~center)
-    density = (1 - np.abs(others - w // 2) / (w / 2 + 1)) ** vd_power
-    density /= density.sum()
+    center = w // 2
+    start = center - calib // 2
     lines = np.zeros((t, w), dtype=bool)
     for frame in range(t):
-        lines[frame, center] = True
-        picks = rng.choice(others, size=n_lines - calib, replace=False, p=density)
-        lines[frame, picks] = True
+        shift = round(frame * _GOLDEN * accel) % accel
+        q = np.arange(shift, w, accel, dtype=np.float64)
+        if perturb > 0:
+            jitter = perturb * accel * (rng.random_sample(q.size) - 0.5)
+            jitter[(q < perturb * accel) | (q >= w - perturb * accel)] = 0
+            q = q + jitter
+            q[1:] += adhere * jitter[:-1]
+            q[:-1] += adhere * jitter[1:]
+        q = np.clip(q, 0, w - 1)
+        # To [-1, 1] around the centre column (each side scaled to its own length, so both
+        # edges stay reachable when W is even), warp, and back to column positions.
+        side = np.where(q >= center, max(w - 1 - center, 1), max(center, 1))
+        u = _vd_warp((q - center) / side, accel, vd_degree)
+        positions = u * side + center
+        # The warped lattice is about one column apart at the centre, so its ``calib``
+        # innermost positions are what the calibration block replaces: the frame keeps the
+        # lattice's column count whatever ``calib`` is.
+        inner = np.argsort(np.abs(positions - center), kind="stable")[:calib]
+        taken = lines[frame]
+        taken[start : start + calib] = True
+        _snap(np.delete(positions, inner), taken, center)
     return torch.from_numpy(lines.astype(np.float32))[:, None, :].expand(t, h, w).contiguous()

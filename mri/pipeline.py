@@ -1,9 +1,10 @@
 """From h5 slice files to network inputs: masked samples, batches, and ``(x0, target, meas)``.
 
-:class:`SliceDataset` indexes every slice (volume, cine series) of the h5 files in a folder and
-undersamples it on the fly. Training masks are random per sample and epoch (drawn from a bank of
-seeded masks, because SigPy's Poisson-disc generator is too slow to call every step); validation
-and test masks are fixed per file, seeded from the file name, so every slice of a volume shares
+`SliceDataset` indexes every slice (volume, cine series) of the h5 files in a folder and
+undersamples it on the fly. Training masks are drawn fresh for every sample and epoch, as in the
+paper (`mri.masks.PoissonDiscSampler` makes Poisson-disc masks cheap enough for that), or
+taken from a bank of ``data.mask_bank`` seeded masks; validation and test masks are fixed per
+file, seeded from the file name, so every slice of a volume shares
 one mask and every run sees the same ones. k-space and target are scaled so that the 95th
 percentile of the zero-filled magnitude is 1 (a top-magnitude normalisation, as in the meddlr
 pipeline GLEAM was trained with), which keeps learning rates independent of scanner units.
@@ -31,20 +32,36 @@ from mri.physics import Measurement, SenseOp
 
 __all__ = [
     "SliceDataset",
-    "EpochSampler",
+    "GroupedBatchSampler",
     "prepare_builtin",
     "make_loader",
     "batch_to_inputs",
-    "MASK_BANK_SIZE",
 ]
-
-#: Distinct training masks per dataset; each is seeded by (seed, index) and made when first used.
-MASK_BANK_SIZE = 64
 
 
 def _stable_seed(*parts: Any) -> int:
     """A seed from strings/ints that is the same in every process and Python run."""
     return zlib.crc32(json.dumps(parts).encode()) & 0x7FFFFFFF
+
+
+def _maps_calib(cfg: Config) -> int:
+    """The calibration width the built-in data's maps are estimated from: the mask's fully
+    sampled centre, so maps use only what an undersampled scan would hold.
+
+    1D masks sample a band of ``center_fraction`` of the columns. A k-t lattice samples a
+    small centre per frame but nearly every central line over the series, and cine maps are
+    estimated from the time average (as cine reconstructions do), so a wider region is used.
+    At least 6 lines, the least ESPIRiT calibrates on, at most the image side.
+    """
+    d = cfg.data
+    side = min(d.shape[-2:])
+    if d.mask in ("random1d", "equispaced1d"):
+        width = round(d.center_fraction * d.shape[-1])
+    elif d.mask == "kt":
+        width = min(24, side // 2)
+    else:
+        width = d.calib
+    return min(side, max(6, width))
 
 
 def prepare_builtin(cfg: Config, root: str | os.PathLike) -> Path:
@@ -57,7 +74,7 @@ def prepare_builtin(cfg: Config, root: str | os.PathLike) -> Path:
     params = {
         "kind": d.kind, "shape": list(d.shape), "num_coils": d.num_coils,
         "num_train": d.num_train, "num_val": d.num_val, "num_test": d.num_test,
-        "noise": d.noise, "seed": d.seed,
+        "noise": d.noise, "seed": d.seed, "maps": d.maps, "calib": _maps_calib(cfg),
     }  # fmt: skip
     digest = hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:10]
     folder = Path(root) / f"data-{d.kind}-{digest}"
@@ -71,6 +88,8 @@ def prepare_builtin(cfg: Config, root: str | os.PathLike) -> Path:
         num_coils=d.num_coils,
         seed=d.seed,
         noise_std=d.noise,
+        maps=d.maps,
+        calib=_maps_calib(cfg),
     )
     return folder
 
@@ -81,7 +100,8 @@ class SliceDataset(Dataset):
     Args:
         folder: a folder of h5 slice files (``mri.data.h5format``).
         cfg: the config; ``cfg.data`` gives the mask type, acceleration and calibration.
-        train: random masks per sample and epoch (else one fixed mask per file).
+        train: random masks per sample and epoch (else one fixed mask per file): fresh ones,
+            or from a bank of ``cfg.data.mask_bank`` masks if that is > 0.
         seed: the seed of the training masks.
 
     Each item is a dict: ``kspace`` (C, *spatial) undersampled, ``maps`` (C, *spatial),
@@ -106,6 +126,8 @@ class SliceDataset(Dataset):
         self.epoch = 0
         self.index: list[tuple[Path, int]] = []
         self.shapes: dict[Path, tuple[int, ...]] = {}
+        #: Per item, ``(coils, spatial shape)``: items batch together only within a group.
+        self.groups: list[tuple[int, tuple[int, ...]]] = []
         kinds = set()
         for path in self.files:
             info = inspect_slices(path)
@@ -113,6 +135,7 @@ class SliceDataset(Dataset):
             # Real data mixes matrix sizes (fastMRI widths vary), so masks follow each file.
             self.shapes[path] = tuple(info.spatial_shape)
             self.index += [(path, j) for j in range(info.num_slices)]
+            self.groups += [(info.num_coils, self.shapes[path])] * info.num_slices
         if kinds != {cfg.data.kind}:
             raise DataFormatError(
                 f"data: {self.folder} holds {sorted(kinds)} data but the config says "
@@ -120,11 +143,18 @@ class SliceDataset(Dataset):
             )
         self._bank: dict[tuple[int, tuple[int, ...]], torch.Tensor] = {}
         self._fixed: dict[str, torch.Tensor] = {}
+        self._samplers: dict[tuple[int, ...], masks.PoissonDiscSampler] = {}
+        fresh_poisson = train and cfg.data.mask_bank == 0 and cfg.data.mask == "poisson"
         for shape in sorted(set(self.shapes.values())):
             try:
-                # One draw per shape up front (kept: it is the first training mask), so an
-                # impossible acceleration is refused before training starts, naming the keys.
-                self._bank_mask(0, shape)
+                # One draw per shape up front, so an impossible acceleration is refused before
+                # training starts, naming the keys (the sampler draws its calibration masks).
+                if fresh_poisson:
+                    self._samplers[shape] = masks.PoissonDiscSampler(
+                        shape[-2:], cfg.data.accel, calib=cfg.data.calib
+                    )
+                else:
+                    self._bank_mask(0, shape)
             except ValueError as err:
                 raise ConfigError(
                     f"data.accel: {cfg.data.accel} with data.mask={cfg.data.mask!r} cannot be "
@@ -143,7 +173,9 @@ class SliceDataset(Dataset):
         plane = spatial[-2:]
         if d.mask == "kt":
             return masks.kt_mask(tuple(spatial), d.accel, calib=d.calib, seed=seed)
-        if d.mask == "poisson":
+        if d.mask == "poisson" and spatial in self._samplers:
+            m = self._samplers[spatial](seed)
+        elif d.mask == "poisson":
             m = masks.poisson_disc_mask(plane, d.accel, calib=d.calib, seed=seed)
         elif d.mask == "random1d":
             m = masks.random_1d_mask(plane, d.accel, d.center_fraction, seed=seed)
@@ -162,9 +194,11 @@ class SliceDataset(Dataset):
         """The mask of item ``i`` in the current epoch."""
         path, j = self.index[i]
         spatial = self.shapes[path]
+        if self.train and self.cfg.data.mask_bank == 0:
+            return self._draw_mask(spatial, _stable_seed("fresh", self.seed, self.epoch, i))
         if self.train:
-            return self._bank_mask(_stable_seed("pick", self.seed, self.epoch, i) % MASK_BANK_SIZE,
-                                   spatial)  # fmt: skip
+            pick = _stable_seed("pick", self.seed, self.epoch, i) % self.cfg.data.mask_bank
+            return self._bank_mask(pick, spatial)
         if path.name not in self._fixed:
             self._fixed[path.name] = self._draw_mask(spatial, _stable_seed("file", path.name))
         return self._fixed[path.name]
@@ -194,34 +228,72 @@ class SliceDataset(Dataset):
         }
 
 
-class EpochSampler(Sampler[int]):
-    """A shuffling sampler whose order is a function of (seed, epoch): resumable exactly."""
+class GroupedBatchSampler(Sampler[list[int]]):
+    """Batches of items that share a coil count and spatial shape; the order is a function of
+    (seed, epoch), so a resumed run sees the same batches.
 
-    def __init__(self, dataset: SliceDataset, seed: int, shuffle: bool) -> None:
+    Real data mixes both (fastMRI brain has 4 to 20 coils at 3T and several matrix widths), and
+    items of different shapes cannot be stacked into one tensor. Items are grouped by
+    ``(coils, spatial shape)``; with ``shuffle`` each group is permuted and cut into batches and
+    the batches of all groups are then permuted together, so every item is seen once per epoch
+    and a batch never mixes groups. Without ``shuffle`` items keep their order within a group,
+    and groups come in the order their first item appears.
+
+    Args:
+        dataset: the `SliceDataset` whose ``groups`` give each item's key.
+        batch_size: items per batch (>= 1).
+        seed: the seed of the order.
+        shuffle: permute items and batches every epoch.
+        drop_last: drop each group's last, incomplete batch (training keeps batch sizes equal).
+    """
+
+    def __init__(
+        self,
+        dataset: SliceDataset,
+        batch_size: int,
+        seed: int,
+        shuffle: bool,
+        drop_last: bool,
+    ) -> None:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
         self.dataset = dataset
+        self.batch_size = batch_size
         self.seed = seed
         self.shuffle = shuffle
+        self.drop_last = drop_last
         self.epoch = 0
+        self.groups: dict[tuple, list[int]] = {}
+        for i, key in enumerate(dataset.groups):
+            self.groups.setdefault(key, []).append(i)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
         self.dataset.set_epoch(epoch)
 
-    def __len__(self) -> int:
-        return len(self.dataset)
+    def _count(self, n: int) -> int:
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
-    def __iter__(self) -> Iterator[int]:
-        n = len(self.dataset)
-        if not self.shuffle:
-            return iter(range(n))
+    def __len__(self) -> int:
+        return sum(self._count(len(items)) for items in self.groups.values())
+
+    def __iter__(self) -> Iterator[list[int]]:
         g = torch.Generator().manual_seed(_stable_seed("order", self.seed, self.epoch))
-        return iter(torch.randperm(n, generator=g).tolist())
+        batches = []
+        for items in self.groups.values():
+            if self.shuffle:
+                items = [items[k] for k in torch.randperm(len(items), generator=g).tolist()]
+            bs = self.batch_size
+            batches += [items[k : k + bs] for k in range(0, bs * self._count(len(items)), bs)]
+        if self.shuffle:
+            batches = [batches[k] for k in torch.randperm(len(batches), generator=g).tolist()]
+        return iter(batches)
 
 
 class _EpochLoader:
     """A DataLoader with ``set_epoch`` forwarded to its sampler and dataset."""
 
-    def __init__(self, loader: DataLoader, sampler: EpochSampler) -> None:
+    def __init__(self, loader: DataLoader, sampler: GroupedBatchSampler) -> None:
         self.loader = loader
         self.sampler = sampler
         self.dataset = loader.dataset
@@ -252,22 +324,16 @@ def make_loader(
     train = split == "train"
     dataset = SliceDataset(Path(root) / split, cfg, train=train, seed=cfg.train.seed)
     bs = cfg.train.batch_size if batch_size is None else batch_size
-    if train and len(dataset) < bs:
+    sampler = GroupedBatchSampler(dataset, bs, cfg.train.seed, shuffle, drop_last=train)
+    if train and len(sampler) == 0:
+        sizes = {f"{k[0]} coils x {list(k[1])}": len(v) for k, v in sampler.groups.items()}
         raise DataFormatError(
-            f"data: {Path(root) / split} has {len(dataset)} items, fewer than train.batch_size={bs}"
+            f"data: {Path(root) / split} has no group of train.batch_size={bs} items with equal "
+            f"coil count and shape (items per group: {sizes}); lower train.batch_size"
         )
-    if bs > 1 and len(set(dataset.shapes.values())) > 1:
-        raise DataFormatError(
-            f"data: {Path(root) / split} mixes spatial shapes "
-            f"{sorted(set(dataset.shapes.values()))}, which cannot be batched; use "
-            "train.batch_size 1 or data of one shape"
-        )
-    sampler = EpochSampler(dataset, cfg.train.seed, shuffle)
     loader = DataLoader(
         dataset,
-        batch_size=bs,
-        sampler=sampler,
-        drop_last=train,
+        batch_sampler=sampler,
         num_workers=cfg.train.num_workers,
         persistent_workers=False,
         timeout=600 if cfg.train.num_workers > 0 else 0,

@@ -1,7 +1,7 @@
 """MRI data: the built-in simulated dataset, the h5 slice format, and readers of real formats.
 
-- :mod:`mri.data.simulate` generates the built-in data (phantoms, smooth phase, birdcage coils,
-  noise) for 2D slices, 3D volumes and 2D+time cine, cached as h5 slice files.
+- `mri.data.simulate` generates the built-in data (phantoms, smooth phase, coils placed per
+  volume, noise, ESPIRiT maps) for 2D slices, 3D volumes and 2D+time cine, cached as h5 files.
 - :mod:`mri.data.h5format` writes, validates and reads the h5 slice format.
 - :mod:`mri.data.fastmri` reads fastMRI multicoil files as they are published.
 - :mod:`mri.data.convert` converts mridata.org ISMRMRD, fastMRI and NIfTI files to slice files.

@@ -4,7 +4,9 @@ A file holds three datasets (DESIGN.md section 4), all ``complex64``:
 
 - ``kspace`` ``(slices, coils, *spatial)``: the measured k-space (zeros where not sampled);
 - ``maps`` ``(slices, coils, *spatial)``: coil sensitivity maps;
-- ``target`` ``(slices, *spatial)``: the reference image (SENSE-combined fully sampled data);
+- ``target`` ``(slices, *spatial)``: the reference image (for converted scanner data the SENSE
+  combination of the fully sampled k-space with ``maps``; for the built-in simulation the
+  noise-free image seen through ``maps``, see `mri.data.simulate`);
 
 and attributes: ``kind`` (``"2d"``, ``"3d"`` or ``"cine"``; spatial is ``(H, W)``,
 ``(D, H, W)`` or ``(T, H, W)``), ``acceleration`` (only if ``kspace`` is already undersampled),

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 from mri import fftc
-from mri.coils import birdcage_maps, estimate_maps_espirit, estimate_maps_jsense
+from mri.coils import (
+    birdcage_maps,
+    estimate_maps_espirit,
+    estimate_maps_jsense,
+    random_birdcage_maps,
+)
 
 
 def relative_map_error(est: torch.Tensor, true: torch.Tensor, support: torch.Tensor) -> float:
@@ -40,6 +46,25 @@ def test_birdcage_maps_are_normalised_complex64():
     torch.testing.assert_close((maps3.abs() ** 2).sum(0), torch.ones(4, 6, 6))
     # Coils differ from each other: the maps carry spatial encoding.
     assert (maps[0] - maps[1]).abs().max() > 0.1
+
+
+def test_random_birdcage_maps_are_normalised_seeded_and_vary_per_draw():
+    rng = np.random.default_rng(3)
+    first, second = random_birdcage_maps((24, 20), 6, rng), random_birdcage_maps((24, 20), 6, rng)
+    assert first.shape == (6, 24, 20) and first.dtype == torch.complex64
+    torch.testing.assert_close((first.abs() ** 2).sum(0), torch.ones(24, 20))
+    assert (first - second).norm() / first.norm() > 0.2
+    again = random_birdcage_maps((24, 20), 6, np.random.default_rng(3))
+    assert torch.equal(again, first)
+    maps3 = random_birdcage_maps((4, 8, 8), 10, np.random.default_rng(0))
+    torch.testing.assert_close((maps3.abs() ** 2).sum(0), torch.ones(4, 8, 8))
+    # Coils in the second ring see the far end of the volume better than the first ring.
+    ring_ratio = maps3[8:].abs().square().sum(0) / maps3[:8].abs().square().sum(0)
+    assert float(ring_ratio[-1].mean()) > float(ring_ratio[0].mean())
+    with pytest.raises(ValueError, match=r"random_birdcage_maps: num_coils must be an int >= 1"):
+        random_birdcage_maps((8, 8), 0, np.random.default_rng(0))
+    with pytest.raises(TypeError, match=r"rng must be a numpy Generator"):
+        random_birdcage_maps((8, 8), 2, 0)
 
 
 def test_espirit_recovers_simulated_maps_where_there_is_signal(simulated):

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
-from mri.masks import equispaced_1d_mask, kt_mask, poisson_disc_mask, random_1d_mask
+from mri.masks import (
+    PoissonDiscSampler,
+    equispaced_1d_mask,
+    kt_mask,
+    poisson_disc_mask,
+    random_1d_mask,
+)
 
 
 def accel_of(mask: torch.Tensor) -> float:
@@ -51,6 +58,39 @@ class TestPoissonDisc:
             poisson_disc_mask(**args)
 
 
+class TestPoissonDiscSampler:
+    def test_fresh_masks_meet_accel_keep_the_centre_and_are_reproducible(self):
+        sampler = PoissonDiscSampler((64, 64), 6, calib=12)
+        drawn = [sampler(seed) for seed in range(10, 16)]
+        for mask in drawn:
+            assert mask.shape == (64, 64) and mask.dtype == torch.float32
+            assert abs(accel_of(mask) - 6) < 0.1
+            assert mask[26:38, 26:38].all()
+        assert len({m.numpy().tobytes() for m in drawn}) == len(drawn)
+        assert torch.equal(PoissonDiscSampler((64, 64), 6, calib=12)(12), drawn[2])
+        # Variable density: the ring around the calibration block is sampled more densely
+        # than the periphery, averaged over masks.
+        mean = torch.stack(drawn).mean(dim=0)
+        radius = torch.hypot(*torch.meshgrid(torch.arange(64.0) - 32, torch.arange(64.0) - 32,
+                                             indexing="ij"))  # fmt: skip
+        ring, edge = mean[(radius > 8) & (radius < 14)], mean[(radius > 24) & (radius < 31)]
+        assert ring.mean() > 1.5 * edge.mean() > 0
+
+    def test_no_two_samples_are_neighbours_closer_than_the_disc_allows(self):
+        # A Poisson-disc pattern: outside the calibration block, no two samples are adjacent
+        # at the lowest densities (radius >= 1 everywhere, growing with distance).
+        mask = PoissonDiscSampler((64, 64), 8, calib=8)(3)
+        corner = mask[:16, :16]
+        assert not bool((corner[:, 1:] * corner[:, :-1]).any())
+        assert not bool((corner[1:, :] * corner[:-1, :]).any())
+
+    def test_impossible_requests_and_bad_seeds_are_refused(self):
+        with pytest.raises(ValueError, match=r"accel=100.*cannot be met"):
+            PoissonDiscSampler((32, 32), 100, calib=8)
+        with pytest.raises(ValueError, match=r"seed must be an int >= 0, got -1"):
+            PoissonDiscSampler((32, 32), 4, calib=8)(-1)
+
+
 class TestOneDimensional:
     @pytest.mark.parametrize("fn", [random_1d_mask, equispaced_1d_mask])
     def test_columns_shared_by_rows_centre_sampled_and_seeded(self, fn):
@@ -83,6 +123,33 @@ class TestOneDimensional:
         # fastMRI's adjusted spacing is 4 * (26 - 320) / (26 * 4 - 320) = 5.44, rounded per line.
         assert set(gaps[gaps < 10].tolist()) <= {5, 6}
 
+    @pytest.mark.parametrize(
+        ("fname", "width", "fraction", "accel"),
+        [("file1000000.h5", 368, 0.08, 4), ("file_brain_AXT2_200_2000019.h5", 320, 0.04, 8),
+         ("x.h5", 396, 0.04, 8)],
+    )  # fmt: skip
+    def test_equispaced_mask_is_fastmris_fraction_func(self, fname, width, fraction, accel):
+        # fastMRI's EquispacedMaskFractionFunc, derived from its definition: seed the legacy
+        # RandomState with the file name's code points, draw the (fraction, accel) pair, then
+        # an offset below the adjusted spacing a that makes the total W / accel.
+        rng = np.random.RandomState(tuple(map(ord, fname)))
+        rng.randint(1)
+        n_low = round(width * fraction)
+        spacing = accel * (n_low - width) / (n_low * accel - width)
+        offset = rng.randint(0, round(spacing))
+        expected = np.zeros(width, dtype=np.float32)
+        pad = (width - n_low + 1) // 2
+        expected[pad : pad + n_low] = 1
+        expected[np.around(np.arange(offset, width - 1, spacing)).astype(int)] = 1
+        got = equispaced_1d_mask((2, width), accel, fraction, seed=fname)[0].numpy()
+        assert np.array_equal(got, expected)
+        assert abs(got.sum() - width / accel) <= 2
+        # The newer EquispacedMaskFunc (every accel-th column, the centre on top) differs.
+        newer = np.zeros(width, dtype=np.float32)
+        newer[offset::accel] = 1
+        newer[pad : pad + n_low] = 1
+        assert not np.array_equal(got, newer)
+
     @pytest.mark.parametrize("fn", [random_1d_mask, equispaced_1d_mask])
     def test_centre_larger_than_budget_is_an_error(self, fn):
         with pytest.raises(ValueError, match="center_fraction=0.5"):
@@ -106,6 +173,35 @@ class TestKt:
         assert torch.all(lines.sum(dim=1) == 8)
         assert lines[:, 30:34].all()
 
+    def test_without_jitter_or_warp_frames_are_golden_ratio_shifted_lattices(self):
+        # An independent statement of the lattice: frame t samples s_t, s_t + R, ... with
+        # s_t = round(0.618034 t R) mod R, so 20 frames of R = 10 cover every column.
+        accel, frames, width = 10, 20, 160
+        mask = kt_mask((frames, 1, width), accel, calib=0, perturb=0.0, vd_degree=0.0)
+        for t in range(frames):
+            shift = round(t * 0.6180339887 * accel) % accel
+            expected = torch.zeros(width)
+            expected[shift::accel] = 1
+            assert torch.equal(mask[t, 0], expected), t
+        assert bool(mask[:, 0].any(dim=0).all())
+
+    def test_vd_kt_reaches_the_edge_and_covers_most_lines_over_time(self):
+        # The paper's cine setting (VD-kt, R = 10, 160 phase encodes, 20 frames): its sampler
+        # reaches |ky| = 80 and samples 125-136 distinct lines; independent random draws per
+        # frame with a decaying density reached only 71 and 100-107.
+        width, centre = 160, 80
+        for seed in range(5):
+            lines = kt_mask((20, 1, width), 10, calib=1, seed=seed)[:, 0, :]
+            assert torch.all(lines.sum(dim=1) == 16)  # R = 10 in every frame
+            ever = lines.any(dim=0)
+            assert 120 <= int(ever.sum()) <= 140, seed
+            reach = (torch.arange(width) - centre).abs()[ever].max()
+            assert int(reach) >= 78, seed
+            assert bool(lines[:, centre].all())
+            # Dense centre, sparse edge: one column apart at the centre, R at the edges.
+            near, far = lines[:, centre - 8 : centre + 8].mean(), lines[:, :40].mean()
+            assert near > 3 * far > 0
+
     def test_frames_differ_and_seed_is_deterministic(self):
         a = kt_mask((4, 2, 48), 4, calib=4, seed=5)
         assert not torch.equal(a[0], a[1])
@@ -120,7 +216,10 @@ class TestKt:
         with pytest.raises(ValueError, match=r"accel=16.*fewer than calib=8"):
             kt_mask((2, 4, 64), 16, calib=8)
 
-    @pytest.mark.parametrize("kw", [{"shape": (4, 8)}, {"calib": 65}, {"vd_power": -1}])
+    @pytest.mark.parametrize(
+        "kw",
+        [{"shape": (4, 8)}, {"calib": 65}, {"vd_degree": -1}, {"perturb": 1.5}, {"adhere": -0.1}],
+    )
     def test_bad_arguments(self, kw):
         args = {"shape": (2, 4, 64), "accel": 4} | kw
         with pytest.raises(ValueError, match=next(iter(kw))):

@@ -9,8 +9,9 @@ import torch
 
 from mri.config import load_config
 from mri.data import DataFormatError
-from mri.data._backend import sense_combine
-from mri.data.h5format import read_slices
+from mri.data._backend import sense_combine, sense_expand
+from mri.data.h5format import read_slices, write_slices
+from mri.data.simulate import coil_maps
 from mri.pipeline import SliceDataset, batch_to_inputs, make_loader, prepare_builtin
 
 OVERRIDES = {"data.num_train": 6, "data.num_val": 5, "data.num_test": 2}
@@ -124,3 +125,75 @@ def test_missing_empty_and_mismatched_folders_raise_data_format_errors(data_root
     next(bad.glob("*.h5")).write_bytes(b"broken")
     with pytest.raises(DataFormatError, match=r"cannot be opened as HDF5"):
         SliceDataset(bad, cfg, train=False)
+
+
+def _write_group(folder, name: str, coils: int, shape: tuple[int, int], slices: int, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    image = torch.randn(slices, *shape, dtype=torch.complex64, generator=gen)
+    maps = coil_maps(shape, coils, "2d")[None].expand(slices, -1, -1, -1).contiguous()
+    kspace = sense_expand(image, maps, "2d")
+    write_slices(folder / name, kspace, maps, image, kind="2d", provenance={"test": "mixed"})
+
+
+@pytest.fixture
+def mixed_root(tmp_path):
+    """fastMRI-brain-like training data: 4 and 6 coils, two widths (items: 4, 3, 2)."""
+    train = tmp_path / "train"
+    train.mkdir()
+    _write_group(train, "a.h5", 4, (32, 32), 4, seed=0)
+    _write_group(train, "b.h5", 6, (32, 32), 3, seed=1)
+    _write_group(train, "c.h5", 4, (32, 24), 2, seed=2)
+    return tmp_path
+
+
+def test_mixed_coil_counts_and_widths_batch_by_group_and_cover_each_epoch(mixed_root):
+    cfg = load_config("cpu-tiny", {"train.batch_size": 2})
+    loader = make_loader(mixed_root, "train", cfg, shuffle=True)
+    orders = []
+    for epoch in (0, 1):
+        loader.set_epoch(epoch)
+        batches = list(loader)
+        # drop_last per group: 4 -> 2 batches, 3 -> 1, 2 -> 1.
+        assert len(batches) == len(loader) == 4
+        seen = []
+        for batch in batches:
+            assert batch["kspace"].shape[0] == 2
+            seen += list(zip(batch["fname"], batch["slice"].tolist(), strict=True))
+        assert len(set(seen)) == 8
+        orders.append(seen)
+    assert orders[0] != orders[1]
+    loader.set_epoch(1)
+    assert [
+        (f, s) for b in loader for f, s in zip(b["fname"], b["slice"].tolist(), strict=True)
+    ] == orders[1]
+    # Without shuffling nothing is dropped, and the order is the files' order within groups.
+    shutil.copytree(mixed_root / "train", mixed_root / "val")
+    val = make_loader(mixed_root, "val", cfg, shuffle=False, batch_size=2)
+    names = [list(b["fname"]) for b in val.loader]
+    assert names == [["a.h5"] * 2, ["a.h5"] * 2, ["b.h5"] * 2, ["b.h5"], ["c.h5"] * 2]
+
+
+def test_a_batch_size_no_group_can_fill_is_refused_naming_the_groups(mixed_root):
+    cfg = load_config("cpu-tiny", {"train.batch_size": 5})
+    with pytest.raises(
+        DataFormatError, match=r"no group of train.batch_size=5 .*4 coils x \[32, 32\]"
+    ):
+        make_loader(mixed_root, "train", cfg, shuffle=True)
+
+
+def test_training_masks_are_fresh_per_sample_by_default_and_a_bank_on_request(data_root):
+    cfg, root = data_root
+    assert cfg.data.mask_bank == 0
+    ds = SliceDataset(root / "train", cfg, train=True)
+    fresh = set()
+    for epoch in range(3):
+        ds.set_epoch(epoch)
+        fresh |= {ds.mask_for(i).numpy().tobytes() for i in range(len(ds))}
+    assert len(fresh) == 3 * len(ds)  # a new mask for every (epoch, item)
+    bank_cfg = load_config("cpu-tiny", {**OVERRIDES, "data.mask_bank": 2})
+    banked = SliceDataset(root / "train", bank_cfg, train=True)
+    drawn = set()
+    for epoch in range(3):
+        banked.set_epoch(epoch)
+        drawn |= {banked.mask_for(i).numpy().tobytes() for i in range(len(banked))}
+    assert len(drawn) <= 2

@@ -1,8 +1,8 @@
 """mridata.org ISMRMRD (3D Cartesian, e.g. the Stanford fully sampled 3D FSE knees) to slices.
 
-Acquisitions are placed by their ky/kz encoding indices into a (coils, kx, ky, kz) array; an
-inverse FFT along the readout splits the volume into 2D (ky, kz) slices, each with JSENSE maps
-and a SENSE-combined target.
+Acquisitions are placed by their ky and kz (or, for the hybrid-space knee files, slice)
+indices into a (coils, kx, ky, kz) array; an inverse FFT along the readout splits the volume
+into 2D (ky, kz) slices, each with JSENSE maps and a SENSE-combined target.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from mri.data.convert._common import (
     _stem,
 )
 from mri.data.h5format import DataFormatError, _open, write_slices
-from mri.fft import ifftc
+from mri.fft import fftc, ifftc
 
 _JSENSE_KEYS = ("mps_ker_width", "lamda", "max_iter", "max_inner_iter")
 #: Acquisition records read per HDF5 call (a 3D FSE knee readout of 8 coils is 20 KiB).
@@ -43,6 +43,46 @@ def _header_limit(where: str, limits: Any, step: str) -> Any:
             "acquisition needs limits for kspace_encoding_step_1 (ky) and _2 (kz)"
         )
     return limit
+
+
+def _span(limit: Any) -> int:
+    """Number of indices an ISMRMRD ``limitType`` allows (``maximum + 1``), 1 when unset."""
+    if limit is None or limit.maximum is None:
+        return 1
+    return int(limit.maximum) + 1
+
+
+#: Partitions stored as 3D k-space, placed by ``idx.kspace_encode_step_2``.
+LAYOUT_KZ = "kspace_encode_step_2"
+#: Partitions stored in hybrid space (kz already inverse transformed), placed by ``idx.slice``.
+LAYOUT_HYBRID = "slice_hybrid"
+
+
+def _layout(where: str, enc: Any) -> tuple[str, int]:
+    """Which of the two mridata.org layouts the header describes, and its partition count.
+
+    A true 3D file encodes partitions as ``kspace_encoding_step_2`` (matrix ``z`` > 1). The
+    Stanford 3D FSE knees published on mridata.org instead declare ``matrixSize.z`` 1,
+    ``kspace_encoding_step_2`` 0..1 and ``slice`` 0..255: the scanner has already inverse
+    transformed along kz, and each partition is one ``idx.slice``.
+    """
+    limits = enc.encodingLimits
+    matrix_z = int(enc.encodedSpace.matrixSize.z or 1)
+    num_slice = _span(getattr(limits, "slice", None) if limits is not None else None)
+    if num_slice >= 8:
+        # matrixSize.z is 1 in the knee files, but a writer may also give the partition count
+        # there; the kz encoding limits are what tells the layouts apart.
+        num_kz = _span(getattr(limits, "kspace_encoding_step_2", None))
+        if num_kz > 2 or matrix_z not in (1, 2, num_slice):
+            raise DataFormatError(
+                f"{where}: header declares both {max(num_kz, matrix_z)} kz encodes "
+                f"(kspace_encoding_step_2 / matrixSize.z) and {num_slice} slices; multi-slab 3D "
+                "is not supported (expected either kz encodes or hybrid-space slices, as "
+                "mridata.org knees use)"
+            )
+        return LAYOUT_HYBRID, num_slice
+    limit_z = _header_limit(where, limits, "kspace_encoding_step_2")
+    return LAYOUT_KZ, max(_span(limit_z), matrix_z)
 
 
 def _read_header(path: Path) -> Any:
@@ -91,7 +131,11 @@ def _acquisition_chunks(path: Path) -> Iterator[tuple[int, np.ndarray]]:
 
 
 def _read_ismrmrd(path: Path) -> tuple[np.ndarray, dict[str, Any]]:
-    """Read an ISMRMRD 3D Cartesian file into centered k-space ``(coils, kx, ky, kz)``."""
+    """Read an ISMRMRD 3D Cartesian file into centered k-space ``(coils, kx, ky, kz)``.
+
+    Both mridata.org layouts are read (see `_layout`); hybrid-space partitions are brought back
+    to kz by the centered FFT after undoing their ``(-1)^slice`` modulation.
+    """
     import ismrmrd
 
     where = str(path)
@@ -103,20 +147,24 @@ def _read_ismrmrd(path: Path) -> tuple[np.ndarray, dict[str, Any]]:
     if matrix is None or matrix.x is None:
         raise DataFormatError(f"{where}: XML header lacks encoding[0].encodedSpace.matrixSize")
     limit_y = _header_limit(where, enc.encodingLimits, "kspace_encoding_step_1")
-    limit_z = _header_limit(where, enc.encodingLimits, "kspace_encoding_step_2")
-    ny = max(int(limit_y.maximum) + 1, int(matrix.y or 0))
-    nz = max(int(limit_z.maximum) + 1, int(matrix.z or 0))
-    if ny < 8 or nz < 8:
+    layout, nz = _layout(where, enc)
+    # The knee headers give kspace_encoding_step_1 0..320 with matrixSize.y 320 (an off-by-one
+    # of the writer): room is made for the larger, and the grid is trimmed to the lines present.
+    ny_room = max(_span(limit_y), int(matrix.y or 0))
+    if ny_room < 8 or nz < 8:
         raise DataFormatError(
-            f"{where}: ky x kz grid {ny} x {nz} from the header is not a 3D acquisition "
-            "(need at least 8 x 8 phase encodes)"
+            f"{where}: ky x kz grid {ny_room} x {nz} from the header is not a 3D acquisition "
+            "(need at least 8 x 8 phase encodes, as kspace_encoding_step_1 x _2, or x slice "
+            "for hybrid-space files)"
         )
     system = header.acquisitionSystemInformation
     num_coils = system.receiverChannels if system is not None else None
     noise_bit = np.uint64(1 << (ismrmrd.ACQ_IS_NOISE_MEASUREMENT - 1))
+    partition_field = "slice" if layout == LAYOUT_HYBRID else "kspace_encode_step_2"
 
     kspace = None
-    filled = np.zeros((ny, nz), dtype=bool)
+    filled = np.zeros((ny_room, nz), dtype=bool)
+    hybrid_kz: set[int] = set()
     for first, records in _acquisition_chunks(path):
         head = records["head"]
         for j in range(len(records)):
@@ -126,46 +174,78 @@ def _read_ismrmrd(path: Path) -> tuple[np.ndarray, dict[str, Any]]:
             shape = (int(head["active_channels"][j]), int(head["number_of_samples"][j]))
             if kspace is None:
                 num_coils = num_coils or shape[0]
-                kspace = np.zeros((num_coils, shape[1], ny, nz), dtype=np.complex64)
+                kspace = np.zeros((num_coils, shape[1], ny_room, nz), dtype=np.complex64)
             if shape != kspace.shape[:2] or records["data"][j].size != 2 * shape[0] * shape[1]:
                 raise DataFormatError(
                     f"{where}: acquisition {first + j} has data shape {shape} (coils, samples), "
                     f"expected {kspace.shape[:2]} like the first acquisition and the header"
                 )
             ky = int(head["idx"]["kspace_encode_step_1"][j])
-            kz = int(head["idx"]["kspace_encode_step_2"][j])
-            if not (0 <= ky < ny and 0 <= kz < nz):
+            kz = int(head["idx"][partition_field][j])
+            if not (0 <= ky < ny_room and 0 <= kz < nz):
                 raise DataFormatError(
-                    f"{where}: acquisition {first + j} has (ky, kz) = ({ky}, {kz}) outside the "
-                    f"header's grid {ny} x {nz}"
+                    f"{where}: acquisition {first + j} has (kspace_encode_step_1, "
+                    f"{partition_field}) = ({ky}, {kz}) outside the header's grid {ny_room} x {nz}"
                 )
+            if layout == LAYOUT_HYBRID:
+                hybrid_kz.add(int(head["idx"]["kspace_encode_step_2"][j]))
             # Samples are stored as interleaved float32 (re, im), coil-major.
             kspace[:, :, ky, kz] = records["data"][j].view(np.complex64).reshape(shape)
             filled[ky, kz] = True
     if kspace is None:
         raise DataFormatError(f"{where}: file holds no imaging acquisitions")
+    if len(hybrid_kz) > 1:
+        raise DataFormatError(
+            f"{where}: hybrid-space file (partitions by idx.slice) has acquisitions at "
+            f"kspace_encode_step_2 {sorted(hybrid_kz)}; expected a single value"
+        )
+    ny = max(int(matrix.y or 0), int(np.flatnonzero(filled.any(1)).max()) + 1)
+    kspace, filled = kspace[:, :, :ny], filled[:ny]
     missing = int((~filled).sum())
     if missing:
         raise DataFormatError(
-            f"{where}: {missing} of {ny * nz} (ky, kz) phase encodes were never acquired; "
-            "convert_mridata needs fully sampled data"
+            f"{where}: {missing} of {ny * nz} (ky, {partition_field}) phase encodes were never "
+            "acquired; convert_mridata needs fully sampled data"
         )
     # Masks put their calibration region at index n // 2 (the centered FFT's zero frequency), so
     # k-space is rolled to match when the header says the centre lies elsewhere; a centre of 0
     # is how some writers leave the field unset, and is then ignored.
     shifts = []
-    for limit, n in ((limit_y, ny), (limit_z, nz)):
-        center = int(limit.center or 0)
-        shifts.append(n // 2 - center if 0 < center < n else 0)
+    for limit, n in ((limit_y, ny), (enc.encodingLimits.kspace_encoding_step_2, nz)):
+        center = int(limit.center or 0) if limit is not None else 0
+        shifts.append(n // 2 - center if 0 < center < n and layout == LAYOUT_KZ else 0)
+    if layout == LAYOUT_HYBRID:
+        # The ky centre is still a k-space index; the slice centre is an image position.
+        center = int(limit_y.center or 0)
+        shifts[0] = ny // 2 - center if 0 < center < ny else 0
     if any(shifts):
         kspace = np.roll(kspace, shifts, axis=(2, 3))
+    if layout == LAYOUT_HYBRID:
+        kspace = _hybrid_to_kz(kspace)
     info = {
         "matrix": [int(matrix.x), ny, nz],
+        "layout": layout,
         "num_samples": int(kspace.shape[1]),
         "num_coils": int(kspace.shape[0]),
         "roll_ky_kz": shifts,
     }
     return kspace, info
+
+
+def _hybrid_to_kz(kspace: np.ndarray) -> np.ndarray:
+    """Partitions in hybrid space ``(C, kx, ky, z)`` to k-space ``(C, kx, ky, kz)``, in place.
+
+    The scanner's uncentred inverse FFT along kz leaves every partition multiplied by
+    ``(-1)^z`` relative to the centered transform this project uses (a shift of the spectrum by
+    half its length); removing that factor and applying the centered FFT over ``z`` puts the kz
+    zero frequency at index ``nz // 2``, where the masks calibrate. One coil at a time keeps the
+    peak memory at one extra coil volume (a knee file is 1.7 GB).
+    """
+    sign = np.where(np.arange(kspace.shape[-1]) % 2 == 0, 1, -1).astype(np.float32)
+    for c in range(kspace.shape[0]):
+        coil = torch.from_numpy(kspace[c] * sign)
+        kspace[c] = fftc(coil, dims=(-1,)).numpy()
+    return kspace
 
 
 def convert_mridata(
@@ -182,15 +262,20 @@ def convert_mridata(
         >>> convert_mridata("knee1.h5", "data/knee/train", slices=range(40, 280))
         [PosixPath('data/knee/train/knee1.h5')]
 
-    The XML header is parsed with the ``ismrmrd`` package. Acquisitions (noise scans skipped)
-    are placed on a ``(coils, kx, ky, kz)`` grid by their
-    ``kspace_encode_step_1`` (ky) and ``kspace_encode_step_2`` (kz) indices, the readout (x) is
-    inverse Fourier transformed, and every readout position becomes one 2D slice whose k-space
-    spans ``(ky, kz)``: the setting of the Stanford 3D FSE knees, where undersampling masks are
-    drawn over the two phase-encode axes. Coil maps are estimated per slice with JSENSE and the
-    target is the SENSE combination of the fully sampled slice. If the readout is oversampled
-    (more samples than ``encodedSpace.matrixSize.x``) the central ``matrixSize.x`` slices are
-    kept, which is where the object lies.
+    The XML header is parsed with the ``ismrmrd`` package and says which of two layouts the
+    file uses. A true 3D file places each readout (noise scans skipped) on a
+    ``(coils, kx, ky, kz)`` grid by ``kspace_encode_step_1`` (ky) and ``kspace_encode_step_2``
+    (kz). The Stanford 3D FSE knees on mridata.org (the GLEAM paper's knee data) instead declare
+    ``matrixSize.z`` 1, ``kspace_encoding_step_2`` 0..1 and ``slice`` 0..255: their partitions are
+    indexed by ``idx.slice`` and already inverse transformed along kz, with the ``(-1)^z``
+    factor of an uncentred transform; that factor is removed and a centered FFT over the
+    partitions restores kz. Either way the readout (x) is then inverse Fourier transformed,
+    and every readout position becomes one 2D slice whose k-space spans ``(ky, kz)``: the
+    setting of the 3D FSE knees, where undersampling masks are drawn over the two phase-encode
+    axes. Coil maps are estimated per slice with JSENSE and the target is the SENSE combination
+    of the fully sampled slice. If the readout is oversampled (more samples than
+    ``encodedSpace.matrixSize.x``) the central ``matrixSize.x`` slices are kept, which is where
+    the object lies.
 
     Args:
         src: an ISMRMRD ``.h5`` file, or a folder of them (each converted).

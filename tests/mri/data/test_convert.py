@@ -20,7 +20,7 @@ from mri.data._backend import sense_combine
 from mri.data.convert import convert_fastmri, convert_mridata, convert_nifti
 from mri.data.phantoms import random_phantom, smooth_phase
 from mri.data.simulate import coil_maps
-from mri.fft import fftc
+from mri.fft import fftc, ifftc
 
 REPO = Path(__file__).resolve().parents[3]
 FAST_JSENSE = {"mps_ker_width": 6, "max_iter": 5}
@@ -368,3 +368,124 @@ def test_cli_prepare_reports_a_missing_source_in_one_line(tmp_path, capsys):
         capsys.readouterr().err.strip() == f"error: {gone}: file does not exist (expected a "
         "NIfTI (.nii, .nii.gz) file or a folder)"
     )
+
+
+# The XML header of the Stanford 3D FSE knees on mridata.org, with the values all 19 files of
+# the GLEAM paper carry (per the official GLEAM repository's metadata table): matrixSize z 1,
+# kspace_encoding_step_2 0..1 and 256 partitions as `slice`, stored in hybrid space.
+MRIDATA_KNEE_HEADER = """<?xml version="1.0" encoding="utf-8"?>
+<ismrmrdHeader xmlns="http://www.ismrm.org/ISMRMRD">
+  <experimentalConditions><H1resonanceFrequency_Hz>127000000</H1resonanceFrequency_Hz></experimentalConditions>
+  <acquisitionSystemInformation><systemVendor>GE MEDICAL SYSTEMS</systemVendor><receiverChannels>8</receiverChannels></acquisitionSystemInformation>
+  <encoding>
+    <encodedSpace><matrixSize><x>320</x><y>320</y><z>1</z></matrixSize>
+      <fieldOfView_mm><x>160</x><y>160</y><z>153.6</z></fieldOfView_mm></encodedSpace>
+    <reconSpace><matrixSize><x>512</x><y>512</y><z>256</z></matrixSize>
+      <fieldOfView_mm><x>160</x><y>160</y><z>153.6</z></fieldOfView_mm></reconSpace>
+    <encodingLimits>
+      <kspace_encoding_step_1><minimum>0</minimum><maximum>320</maximum><center>160</center></kspace_encoding_step_1>
+      <kspace_encoding_step_2><minimum>0</minimum><maximum>1</maximum><center>0</center></kspace_encoding_step_2>
+      <slice><minimum>0</minimum><maximum>255</maximum><center>128</center></slice>
+    </encodingLimits>
+    <trajectory>cartesian</trajectory>
+  </encoding>
+</ismrmrdHeader>"""  # noqa: E501
+
+
+def _write_hybrid_ismrmrd(path: Path, header: str, kspace: np.ndarray) -> None:
+    """Write centered k-space ``(C, kx, ky, kz)`` the way the mridata.org knees store it.
+
+    Every partition is a ``slice`` in hybrid space: the scanner's uncentred inverse FFT over kz,
+    which equals the centered one times ``(-1)^z``. Records go straight into the standard
+    acquisition table (the ``ismrmrd`` package's dtype) in one call, since the package's
+    one-record writer would take minutes for the 81,920 readouts of a real-sized file.
+    """
+    coils, nx, ny, nz = kspace.shape
+    hybrid = ifftc(torch.from_numpy(kspace), dims=(-1,)).numpy()
+    hybrid *= np.where(np.arange(nz) % 2 == 0, 1, -1).astype(np.float32)
+    dset = ismrmrd.Dataset(str(path), "dataset", create_if_needed=True)
+    dset.write_xml_header(header)
+    dset.close()
+    records = np.zeros(ny * nz, dtype=ismrmrd.hdf5.acquisition_dtype)
+    head = records["head"]
+    head["version"] = 1
+    head["number_of_samples"] = nx
+    head["active_channels"] = coils
+    head["available_channels"] = coils
+    z, y = np.divmod(np.arange(ny * nz), ny)
+    head["idx"]["kspace_encode_step_1"] = y
+    head["idx"]["slice"] = z
+    # Acquisition data are (coils, samples), interleaved (re, im) float32.
+    lines = np.ascontiguousarray(hybrid.transpose(3, 2, 0, 1)).reshape(ny * nz, -1)
+    for i in range(ny * nz):
+        records["data"][i] = lines[i].view(np.float32)
+        records["traj"][i] = np.zeros(0, np.float32)
+    with h5py.File(path, "a") as f:
+        f["dataset"].create_dataset("data", data=records, maxshape=(None,))
+
+
+def test_convert_mridata_reads_the_hybrid_slice_layout_of_the_mridata_knees(tmp_path):
+    # The real header, with data of its full phase-encode size (320 ky x 256 partitions, 8 coils)
+    # and a short readout so the test stays small: the layout is found from the header, and the
+    # partitions come back to centered kz k-space of the object.
+    nx, ny, nz = 4, 320, 256
+    volume = _complex_volume((nx, ny, nz), seed=11)
+    maps = coil_maps((nx, ny, nz), 8, "3d")
+    kspace = fftc(maps * volume, dims=(1, 2, 3))
+    path = tmp_path / "52c2fd53.h5"
+    _write_hybrid_ismrmrd(path, MRIDATA_KNEE_HEADER, kspace.numpy())
+    (out,) = convert_mridata(
+        path, tmp_path / "out", calib=12, slices=[1, 2], jsense_kwargs=FAST_JSENSE
+    )
+    data = read_slices(out)
+    assert tuple(data.kspace.shape) == (2, 8, ny, nz)
+    expected = fftc(maps * volume, dims=(2, 3)).transpose(0, 1)[1:3]
+    assert torch.allclose(data.kspace, expected, atol=1e-4 * float(expected.abs().max()))
+    # The kz zero frequency sits at nz // 2, where the masks put their calibration region.
+    energy = data.kspace.abs().square().sum(dim=(0, 1, 2))
+    assert int(energy.argmax()) == nz // 2
+    parameters = data.info.provenance["parameters"]
+    assert parameters["layout"] == "slice_hybrid"
+    assert parameters["matrix"] == [320, ny, nz]
+
+
+def test_hybrid_slices_written_record_by_record_with_ismrmrd_convert_like_kz_encodes(tmp_path):
+    # The same small volume in both layouts, the hybrid one written by the ismrmrd package's
+    # own record writer (header by its xsd classes): both give the same slices.
+    shape = (4, 16, 16)
+    maps, volume = coil_maps(shape, 2, "3d"), _complex_volume(shape, 7)
+    kspace = fftc(maps * volume, dims=(1, 2, 3)).numpy()
+    hybrid = ifftc(torch.from_numpy(kspace), dims=(-1,)).numpy() * np.where(
+        np.arange(16) % 2 == 0, 1, -1
+    ).astype(np.float32)
+    header = xsd.CreateFromDocument(_ismrmrd_header(4, 16, 16, 2))
+    limits = header.encoding[0].encodingLimits
+    limits.kspace_encoding_step_2 = xsd.limitType(minimum=0, maximum=0, center=0)
+    limits.slice = xsd.limitType(minimum=0, maximum=15, center=8)
+    header.encoding[0].encodedSpace.matrixSize.z = 1
+    path = tmp_path / "hybrid.h5"
+    dset = ismrmrd.Dataset(str(path), "dataset", create_if_needed=True)
+    dset.write_xml_header(header.toXML("utf-8"))
+    for z in range(16):
+        for ky in range(16):
+            acq = ismrmrd.Acquisition.from_array(np.ascontiguousarray(hybrid[:, :, ky, z]))
+            acq.idx.kspace_encode_step_1 = ky
+            acq.idx.slice = z
+            dset.append_acquisition(acq)
+    dset.close()
+    reference = tmp_path / "kz.h5"
+    _write_ismrmrd(reference, kspace)
+    (got,) = convert_mridata(path, tmp_path / "a", calib=8, jsense_kwargs=FAST_JSENSE)
+    (want,) = convert_mridata(reference, tmp_path / "b", calib=8, jsense_kwargs=FAST_JSENSE)
+    a, b = read_slices(got).kspace, read_slices(want).kspace
+    assert torch.allclose(a, b, atol=1e-4 * float(b.abs().max()))
+
+
+def test_convert_mridata_refuses_a_header_with_both_kz_encodes_and_slices(tmp_path):
+    both = MRIDATA_KNEE_HEADER.replace("<z>1</z></matrixSize>", "<z>16</z></matrixSize>", 1)
+    path = tmp_path / "slab.h5"
+    _write_hybrid_ismrmrd(path, both, np.ones((8, 2, 8, 8), np.complex64))
+    with pytest.raises(
+        DataFormatError, match=r"slab\.h5: header declares both 16 kz .* 256 slices"
+    ):
+        convert_mridata(path, tmp_path / "out")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mri.data import DataFormatError, inspect_slices, read_slices, simulate_dataset
-from mri.data._backend import sense_combine
+from mri.data._backend import sense_combine, sense_expand
 from mri.data.simulate import GENERATOR, coil_maps, simulate_multicoil
 
 SMALL = {"num_train": 3, "num_val": 1, "num_test": 1, "num_coils": 2}
@@ -119,3 +119,53 @@ def test_bad_arguments_are_named():
         simulate_dataset("unused", shape=(16, 16), num_coils=0)
     with pytest.raises(ValueError, match=r"kind must be one of"):
         simulate_dataset("unused", kind="4d")
+
+
+def test_coils_are_placed_anew_for_every_volume(tmp_path):
+    files = simulate_dataset(tmp_path, shape=(32, 32), maps="true", **{**SMALL, "num_train": 8})
+    first, second = (read_slices(p).maps for p in files["train"])
+    # One placement per volume (file): its slices share it, the next volume differs clearly.
+    assert all(torch.equal(first[0], m) for m in first)
+    assert (first[0] - second[0]).norm() / first[0].norm() > 0.2
+    assert torch.allclose(first[0].abs().square().sum(0), torch.ones(32, 32), atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("kind", "shape"), [("2d", (32, 32)), ("3d", (8, 32, 32)), ("cine", (4, 32, 32))]
+)
+def test_stored_maps_are_estimated_so_the_data_are_not_in_the_operators_range(
+    tmp_path, kind, shape
+):
+    # The inverse crime: with the simulation's own maps the noise-free data are exactly
+    # A(target). With ESPIRiT maps from the calibration region they are not, while the target
+    # still is the phantom's magnitude where ESPIRiT finds signal.
+    common = {"kind": kind, "shape": shape, "noise_std": 0.0, "num_train": 1,
+              "num_val": 1, "num_test": 1, "num_coils": 6}  # fmt: skip
+    exact = read_slices(simulate_dataset(tmp_path / "true", maps="true", **common)["train"][0])
+    est = read_slices(simulate_dataset(tmp_path / "esp", calib=12, **common)["train"][0])
+    assert torch.equal(exact.kspace, est.kspace)  # the same scan, only the stored maps differ
+    assert not torch.allclose(est.maps, exact.maps, atol=1e-2)
+
+    def mismatch(d):
+        resynth = sense_expand(d.target[0], d.maps[0], kind)
+        return float((resynth - d.kspace[0]).norm() / d.kspace[0].norm())
+
+    assert mismatch(exact) < 1e-5
+    assert mismatch(est) > 1e-3
+    truth = exact.target[0].abs()
+    support = est.maps[0].abs().square().sum(0) > 0.5
+    assert float(support.float().mean()) > 0.4
+    err = (est.target[0].abs() - truth)[support].norm() / truth[support].norm()
+    assert float(err) < 0.05
+    # The maps follow the calibration width they are told, recorded for the cache.
+    assert inspect_slices(simulate_dataset(tmp_path / "esp", calib=12, **common)["train"][0]
+                          ).provenance["parameters"]["calib"] == 12  # fmt: skip
+
+
+def test_bad_map_arguments_are_named():
+    with pytest.raises(ValueError, match=r"maps must be one of \['espirit', 'jsense', 'true'\]"):
+        simulate_dataset("unused", shape=(16, 16), maps="exact")
+    with pytest.raises(ValueError, match=r"calib must be an int >= 6, got 4"):
+        simulate_dataset("unused", shape=(16, 16), calib=4)
+    with pytest.raises(ValueError, match=r"calib 20 is wider than the phase-encode sides"):
+        simulate_dataset("unused", shape=(16, 16), calib=20)
