@@ -2,10 +2,10 @@
 
 - `mri.data.simulate` generates the built-in data (phantoms, smooth phase, coils placed per
   volume, noise, ESPIRiT maps) for 2D slices, 3D volumes and 2D+time cine, cached as h5 files.
-- :mod:`mri.data.h5format` writes, validates and reads the h5 slice format.
-- :mod:`mri.data.fastmri` reads fastMRI multicoil files as they are published.
-- :mod:`mri.data.convert` converts mridata.org ISMRMRD, fastMRI and NIfTI files to slice files.
-- :mod:`mri.pipeline` turns slice files into masked, normalised training samples.
+- `mri.data.h5format` writes, validates and reads the h5 slice format.
+- `mri.data.fastmri` reads fastMRI multicoil files as they are published.
+- `mri.data.convert` converts mridata.org ISMRMRD, fastMRI and NIfTI files to slice files.
+- `mri.pipeline` turns slice files into masked, normalised training samples.
 """
 
 from mri.data.convert import convert_fastmri, convert_mridata, convert_nifti
