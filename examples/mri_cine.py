@@ -4,7 +4,7 @@
     python examples/mri_cine.py --data DIR            # prepared cine series (kind "cine")
     python examples/mri_cine.py --config cine-pgd-r10-gleam --data DIR   # the paper's cine run
 
-Writes into --out: metrics.json ({"zero_filled", "cs" (spatio-temporal TV), "gleam"}),
+Writes into --out: metrics.json ({"zero_filled", "cs" (spatial + temporal TV, converged), "gleam"}),
 comparison.png (middle frame), depth.png, best.pt and last.pt.
 """
 
