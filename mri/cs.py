@@ -296,6 +296,8 @@ def cs_recon(
     (time). FISTA takes steps ``1/L`` with ``L`` an upper bound of ``||A||^2`` and stops when
     the relative change of the iterate falls below ``tol`` or after ``max_iter`` iterations.
     With TV the proximal step is solved by ``inner_iter`` warm-started dual FISTA steps.
+    Random shifts make the iterates fluctuate about the solution, so with them the result is
+    the mean of the last quarter of ``max_iter`` iterates and ``tol`` is not used.
 
     Args:
         kspace: Measured k-space ``(B, C, *spatial)``, complex.
@@ -309,7 +311,7 @@ def cs_recon(
         fft_dims: As for [`SenseOp`][mri.physics.SenseOp]; ``2`` for 2D+time.
         max_iter: Most FISTA iterations (>= 1).
         tol: Stop once ``||x_k - x_{k-1}|| / ||x_k|| < tol`` for every sample (0 runs
-            ``max_iter``).
+            ``max_iter``); not used with a randomly shifted wavelet term.
         wave_name: A PyWavelets orthogonal wavelet (``"db4"``, ``"db2"``, ``"haar"``...).
         levels: Wavelet levels; ``None`` takes up to 4 that fit the image.
         randshift: Cycle-spin the wavelet by a random shift at every iteration.
