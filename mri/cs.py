@@ -15,7 +15,7 @@ import pywt
 import torch
 from torch import Tensor
 
-from mri._cs_solver import fista, Regulariser
+from mri._cs_solver import Regulariser, fista
 from mri.physics import Measurement, SenseOp
 
 __all__ = ["cs_recon", "l1_wavelet_recon", "tv_recon", "wavelet_tv_recon", "tune_lamda"]
