@@ -6,8 +6,8 @@ with zero-filled and spatio-temporal TV.
     python examples/mri_cine.py --config cine-pgd-r10-gleam --data DIR   # the paper's cine run
 
 The training method is the config's (GLEAM in cpu-cine). Writes into --out (default
-runs/cine): metrics.json ({"zero_filled", "cs" (spatio-temporal TV), METHOD}), comparison.png
-(middle frame), depth.png, best.pt and last.pt.
+runs/cine): metrics.json ({"zero_filled", "cs" (spatial + temporal TV, converged), METHOD}),
+comparison.png (middle frame), depth.png, best.pt and last.pt.
 """
 
 from __future__ import annotations

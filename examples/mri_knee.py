@@ -4,6 +4,7 @@
     python examples/mri_knee.py --data DIR            # slices prepared by `python -m mri prepare
                                                       #   mridata ...` (train/ val/ test/)
     python examples/mri_knee.py --config knee-pgd-r16-gleam --data DIR   # the paper's run
+    python examples/mri_knee.py --tune-cs             # CS weight tuned on the validation split
 
 The training method is the config's (`train.method`; GLEAM in the demo), or --method. Writes
 into --out: metrics.json ({"zero_filled": {...}, "cs": {...}, METHOD: {...}} with mean PSNR,
@@ -15,6 +16,7 @@ depth.png, best.pt and last.pt. A folder that holds a run is refused unless --re
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import sys
 import time
@@ -22,12 +24,33 @@ from pathlib import Path
 
 import torch
 
+from mri import cs
 from mri.checkpoint import CheckpointError
 from mri.config import Config, ConfigError, load_config
 from mri.data.h5format import DataFormatError
 from mri.evaluate import evaluate, format_table
-from mri.pipeline import prepare_builtin
+from mri.pipeline import batch_to_inputs, make_loader, prepare_builtin
 from mri.train import default_threads, load_trained, train
+
+
+def tune_cs(cfg: Config, data: Path) -> float:
+    """The CS weight with the best validation PSNR, on a grid of 1/4x to 4x the default."""
+    recon = {"tv": cs.tv_recon, "l1wavelet_tv": cs.wavelet_tv_recon}.get(
+        cfg.eval.cs, cs.l1_wavelet_recon
+    )
+    default = inspect.signature(recon).parameters["lamda"].default
+    items, fft_dims = [], None
+    for batch in make_loader(data, "val", cfg, shuffle=False, batch_size=1):
+        _, target, meas = batch_to_inputs(batch)
+        items.append((meas.kspace, meas.op.maps, meas.op.mask, target))
+        fft_dims = meas.op.fft_dims
+    grid = [default * f for f in (0.25, 0.5, 1, 2, 4)]
+    kw = {"max_iter": cfg.eval.cs_iters, "fft_dims": fft_dims}
+    best, table = cs.tune_lamda(items, grid, recon, **kw)
+    print("CS weight on the validation split: " + ", ".join(
+        f"{lam:g}: {p:.2f} dB" for lam, p in table.items()) + f"; using {best:g}")  # fmt: skip
+    return best
+
 
 _METHODS = {
     "e2e": "end-to-end backpropagation",
@@ -80,6 +103,7 @@ def main(
     parser.add_argument("--resume", action="store_true", help="continue the run in --out")
     parser.add_argument("--overwrite", action="store_true", help="replace the run in --out")
     parser.add_argument("--no-progress", action="store_true", help="print log lines instead")
+    parser.add_argument("--tune-cs", action="store_true", help="tune the CS weight on val first")
     args = parser.parse_args(argv)
     if args.threads < 1:
         parser.error(f"--threads: got {args.threads}; expected a whole number >= 1")
@@ -113,6 +137,8 @@ def main(
           f"nRMSE {result.best_val_nrmse:.4f} at step {result.best_step}")  # fmt: skip
 
     gw, cfg = load_trained(out / "best.pt")
+    if args.tune_cs and cfg.eval.cs != "none":
+        cfg.eval.cs_lamda = tune_cs(cfg, data)
     metrics = evaluate(gw, cfg, data, out, name=name, progress=not args.no_progress)
     summary = {k: metrics[k] for k in ("zero_filled", "cs", name) if k in metrics}
     (out / "metrics.json").write_text(json.dumps(summary, indent=2))

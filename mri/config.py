@@ -185,13 +185,15 @@ class EvalConfig:
     """How to evaluate.
 
     Attributes:
-        cs: the compressed-sensing baseline: ``"l1wavelet"``, ``"tv"`` or ``"none"``.
-        cs_lamda: its regularisation weight (``null`` for the module's default).
+        cs: the compressed-sensing baseline (`mri.cs`): ``"l1wavelet"``, ``"tv"`` (isotropic
+            spatial + temporal TV), ``"l1wavelet_tv"`` (both, the paper's cine CS) or ``"none"``.
+        cs_lamda: its main weight, the wavelet weight for ``"l1wavelet_tv"`` (``null`` for the
+            module's default).
         cs_iters: its iterations.
         max_slices: evaluate at most this many test items (``null`` for all).
     """
 
-    cs: Literal["l1wavelet", "tv", "none"] = "l1wavelet"
+    cs: Literal["l1wavelet", "tv", "l1wavelet_tv", "none"] = "l1wavelet"
     cs_lamda: float | None = None
     cs_iters: int = 100
     max_slices: int | None = None

@@ -32,12 +32,11 @@ def cs_reconstruction(cfg: Config, meas: Any) -> torch.Tensor:
     """The compressed-sensing baseline of ``cfg.eval`` for one batch of measurements."""
     e = cfg.eval
     op = meas.op
-    kwargs: dict[str, Any] = {"max_iter": e.cs_iters, "show_pbar": False}
+    kwargs: dict[str, Any] = {"max_iter": e.cs_iters, "fft_dims": op.fft_dims}
     if e.cs_lamda is not None:
         kwargs["lamda"] = e.cs_lamda
-    if e.cs == "tv":
-        return cs.tv_recon(meas.kspace, op.maps, op.mask, fft_dims=op.fft_dims, **kwargs)
-    return cs.l1_wavelet_recon(meas.kspace, op.maps, op.mask, **kwargs)
+    recon = {"tv": cs.tv_recon, "l1wavelet_tv": cs.wavelet_tv_recon}.get(e.cs, cs.l1_wavelet_recon)
+    return recon(meas.kspace, op.maps, op.mask, **kwargs)
 
 
 @torch.no_grad()

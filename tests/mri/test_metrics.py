@@ -7,7 +7,7 @@ import pytest
 import torch
 from skimage.metrics import normalized_root_mse, peak_signal_noise_ratio, structural_similarity
 
-from mri.metrics import fastmri_nmse, fastmri_psnr, fastmri_ssim, nrmse, psnr, ssim
+from mri.metrics import fastmri_nmse, fastmri_psnr, fastmri_ssim, nrmse, psnr, ssim, ssim3d
 
 
 def sk_ssim(ref: np.ndarray, pred: np.ndarray, data_range: float) -> float:
@@ -50,7 +50,7 @@ def test_psnr_nrmse_ssim_match_scikit_image_per_sample(phantom_2d, spatial):
                     for fr, fp in zip(frames, p.reshape(frames.shape), strict=True)
                 ]
             )
-            assert got_ssim[b].item() == pytest.approx(want, rel=1e-5)
+            assert got_ssim[b].item() == pytest.approx(want, abs=1e-6)
 
 
 def test_fastmri_volume_metrics_match_scikit_image(phantom_2d):
@@ -63,7 +63,22 @@ def test_fastmri_volume_metrics_match_scikit_image(phantom_2d):
             peak_signal_noise_ratio(r, p, data_range=r.max()), rel=1e-5
         )
         want = np.mean([structural_similarity(r[i], p[i], data_range=r.max()) for i in range(4)])
-        assert fastmri_ssim(p_t, r_t).item() == pytest.approx(want, rel=1e-5)
+        assert fastmri_ssim(p_t, r_t).item() == pytest.approx(want, abs=1e-6)
+
+
+def test_ssim3d_matches_scikit_image_on_the_whole_series_and_differs_from_frame_wise(
+    cine_phantom,
+):
+    g = torch.Generator().manual_seed(1)
+    ref = torch.stack([cine_phantom(12, 32), cine_phantom(12, 32).flip(-1) * 2])
+    pred = ref + 0.1 * torch.randn(ref.shape, dtype=ref.dtype, generator=g)
+    got = ssim3d(pred, ref)
+    assert got.shape == (2,) and got.dtype == torch.float32
+    for b in range(2):
+        r, p = ref[b].abs().double().numpy(), pred[b].abs().double().numpy()
+        assert got[b].item() == pytest.approx(sk_ssim(r, p, r.max()), abs=1e-6)
+    # Whole-series SSIM is a different number from the frame-wise mean the tables use.
+    assert (got.double() - ssim(pred, ref).double()).abs().min() > 1e-3
 
 
 def test_identical_images_score_perfectly_and_worse_images_score_worse(phantom_2d):
@@ -93,6 +108,12 @@ class TestErrors:
             ssim(torch.rand(1, 8, 16), torch.rand(1, 8, 16))
         with pytest.raises(ValueError, match="7x7"):
             fastmri_ssim(torch.rand(2, 6, 16), torch.rand(2, 6, 16))
+
+    def test_ssim3d_needs_the_window_along_every_dim(self):
+        with pytest.raises(ValueError, match=r"ssim3d.*>= 11.*\(1, 8, 16, 16\)"):
+            ssim3d(torch.rand(1, 8, 16, 16), torch.rand(1, 8, 16, 16))
+        with pytest.raises(ValueError, match="at least 4 dims"):
+            ssim3d(torch.rand(1, 16, 16), torch.rand(1, 16, 16))
 
     def test_missing_batch_dim_and_integer_inputs(self):
         with pytest.raises(ValueError, match="at least 3 dims"):
