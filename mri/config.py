@@ -118,7 +118,11 @@ class ModelConfig:
         num_layers: convolutions per MoDL denoiser.
         cg_iters: conjugate-gradient iterations per MoDL DC step.
         mu: initial MoDL regularisation weight.
-        step_size: initial PGD gradient step (negative).
+        step_size: the PGD gradient step (negative; its initial value if learnable).
+        learnable_step: train the PGD step (meddlr's choice) instead of fixing it at
+            ``step_size`` (the official GLEAM code's fixed ``x - 2 * grad``).
+        learnable_mu: train the MoDL weight ``mu`` (kept positive) instead of fixing it (the
+            official GLEAM MoDL fixes it).
         conv_dim: 2 for slices, 3 for volumes and cine.
     """
 
@@ -130,6 +134,8 @@ class ModelConfig:
     cg_iters: int = 10
     mu: float = 0.05
     step_size: float = -2.0
+    learnable_step: bool = False
+    learnable_mu: bool = True
     conv_dim: Literal[2, 3] = 2
 
 
@@ -147,6 +153,7 @@ class TrainConfig:
         devices: devices for ``pgleam`` (e.g. ``[0, 1]`` or ``["cpu", "cpu"]``).
         batch_size: samples per step.
         lr: Adam learning rate (> 0).
+        weight_decay: Adam's L2 weight decay (>= 0; the official GLEAM code uses 1e-4).
         iterations: training steps.
         val_every: validate every this many steps (and at the end).
         log_every: print and log every this many steps.
@@ -168,6 +175,7 @@ class TrainConfig:
     devices: list[int | str] | None = None
     batch_size: int = 1
     lr: float = 1e-4
+    weight_decay: float = 0.0
     iterations: int = 200
     val_every: int = 50
     log_every: int = 10
@@ -325,6 +333,7 @@ def _check_values(cfg: Config) -> None:
          t.mel_max_error, "must be > 0 or null")  # fmt: skip
     need(t.batch_size >= 1, "train.batch_size", t.batch_size, "must be >= 1")
     need(t.lr > 0, "train.lr", t.lr, "the learning rate must be > 0")
+    need(t.weight_decay >= 0, "train.weight_decay", t.weight_decay, "must be >= 0")
     need(t.iterations >= 1, "train.iterations", t.iterations, "must be >= 1")
     need(t.val_every >= 1, "train.val_every", t.val_every, "must be >= 1")
     need(t.log_every >= 1, "train.log_every", t.log_every, "must be >= 1")

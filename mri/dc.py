@@ -128,25 +128,28 @@ class GradientStepDC(nn.Module):
     """Gradient step on ``1/2 ||A x - y||^2``, as in unrolled proximal gradient descent.
 
     ```python
-    dc = GradientStepDC()               # step_size = -2.0, learnable
-    x = dc(x, meas)                     # x + step_size * A^H(A x - y)
+    dc = GradientStepDC()               # step_size = -2.0, fixed
+    x = dc(x, meas)                     # x + step_size * A^H(A x - y) = x - 2 A^H(A x - y)
     ```
 
-    The sign convention and the initial value follow meddlr's ``GeneralizedUnrolledCNN``
-    (used by GLEAM): the update is ``x + step_size * A^H(A x - y)`` with ``step_size``
-    initialised to ``-2.0``, i.e. a descent step of length 2. With an orthonormal FFT and
-    maps normalised to ``sum_c |S_c|^2 <= 1``, ``||A^H A|| <= 1``, so 2 is the edge of the
-    stable range that training then adjusts.
+    The official GLEAM code (``dgl_unrolled.py``) applies the fixed update
+    ``x - 2 * A^H(A x - y)``; that is the default here. meddlr's ``GeneralizedUnrolledCNN``,
+    which GLEAM builds on, instead makes the same ``-2.0`` a learnable step: pass
+    ``learnable=True`` (config key ``model.learnable_step``) for that. With an orthonormal
+    FFT and maps normalised to ``sum_c |S_c|^2 <= 1``, ``||A^H A|| <= 1``, so a step of
+    length 2 is the edge of the range in which the plain gradient iteration is stable; the
+    learned prox after each step is what makes the unrolled iteration converge.
 
     Args:
-        step_size: Initial step (must be negative: a positive one would ascend).
+        step_size: The step (must be negative: a positive one would ascend); its initial
+            value if learnable.
         learnable: Whether the step is an ``nn.Parameter`` (else a buffer).
 
     Raises:
         ValueError: If ``step_size`` is not a negative number.
     """
 
-    def __init__(self, step_size: float = -2.0, learnable: bool = True) -> None:
+    def __init__(self, step_size: float = -2.0, learnable: bool = False) -> None:
         super().__init__()
         if isinstance(step_size, bool) or not isinstance(step_size, (int, float)):
             raise ValueError(f"GradientStepDC: step_size must be a number, got {step_size!r}")
@@ -191,15 +194,23 @@ class ConjugateGradientDC(nn.Module):
     per-sample step sizes. Differentiable with respect to ``z`` and ``mu`` by autograd through
     the iterations. ``mu = 0.05`` is MoDL's initial regularisation weight.
 
+    A learnable ``mu`` is parametrised as ``mu = mu0 * exp(g)`` with the trained gain ``g``
+    (``log_mu_gain``, initialised to 0 and clamped to ``[-20, 20]`` where used): ``mu`` starts
+    at exactly ``mu0`` and stays positive whatever the gradients do, so ``A^H A + mu I`` stays
+    positive definite and CG stays valid. The official GLEAM MoDL keeps ``mu`` fixed
+    (``learnable_mu=False``).
+
     Args:
         mu: Initial weight of the proximity term (> 0).
-        learnable_mu: Whether ``mu`` is an ``nn.Parameter`` (else a buffer).
+        learnable_mu: Whether ``mu`` is trained (else a fixed buffer).
         max_iter: CG iteration cap (>= 1).
         tol: Relative residual tolerance of CG (>= 0).
 
     Raises:
         ValueError: If ``mu``, ``max_iter`` or ``tol`` are out of range.
     """
+
+    _GAIN_LIMIT = 20.0  # e^20 ~ 5e8: any trained mu stays a finite, positive multiple of mu0
 
     def __init__(
         self,
@@ -212,13 +223,18 @@ class ConjugateGradientDC(nn.Module):
         if isinstance(mu, bool) or not isinstance(mu, (int, float)) or not mu > 0:
             raise ValueError(f"ConjugateGradientDC: mu must be a number > 0, got {mu!r}")
         _check_iter_args("ConjugateGradientDC", max_iter, tol)
-        value = torch.tensor(float(mu))
-        if learnable_mu:
-            self.mu = nn.Parameter(value)
-        else:
-            self.register_buffer("mu", value)
+        self.register_buffer("mu0", torch.tensor(float(mu)))
+        self.log_mu_gain = nn.Parameter(torch.zeros(())) if learnable_mu else None
         self.max_iter = max_iter
         self.tol = tol
+
+    @property
+    def mu(self) -> Tensor:
+        """The current weight ``mu`` (> 0), differentiable in ``log_mu_gain`` when learnable."""
+        if self.log_mu_gain is None:
+            return self.mu0
+        gain = self.log_mu_gain.clamp(-self._GAIN_LIMIT, self._GAIN_LIMIT)
+        return self.mu0 * torch.exp(gain)
 
     def forward(self, z: Tensor, meas: Measurement) -> Tensor:
         """Return ``(A^H A + mu I)^{-1} (A^H y + mu z)``.

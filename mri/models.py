@@ -8,6 +8,8 @@ stages anywhere. Convolutions see the real and imaginary parts as two channels; 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
 
@@ -20,6 +22,7 @@ __all__ = [
     "ResidualCNN",
     "PlainCNN",
     "InvertibleResidualCNN",
+    "InversionError",
     "PGDBlock",
     "MoDLBlock",
     "UnrolledPGD",
@@ -45,11 +48,26 @@ def channels_to_complex(x: Tensor) -> Tensor:
     return torch.complex(real, imag)
 
 
-def _conv(conv_dim: int, cin: int, cout: int) -> nn.Module:
+def _conv(
+    conv_dim: int,
+    cin: int,
+    cout: int,
+    kernel_size: int = 3,
+    bias: bool = True,
+    padding_mode: str = "zeros",
+) -> nn.Conv2d | nn.Conv3d:
     if conv_dim not in (2, 3):
         raise ValueError(f"conv_dim: got {conv_dim!r}; expected 2 (slices) or 3 (volumes, cine)")
     cls = nn.Conv2d if conv_dim == 2 else nn.Conv3d
-    return cls(cin, cout, kernel_size=3, padding=1)
+    return cls(
+        cin, cout, kernel_size, padding=kernel_size // 2, bias=bias, padding_mode=padding_mode
+    )
+
+
+def _edge_padding(conv_dim: int) -> str:
+    # The official GLEAM layers pad the hidden 3x3 convolutions by reflection in 2D and by
+    # replication in 3D; the choice changes no parameter count, only the image borders.
+    return "reflect" if conv_dim == 2 else "replicate"
 
 
 def _check_positive_int(name: str, value: object) -> None:
@@ -58,26 +76,40 @@ def _check_positive_int(name: str, value: object) -> None:
 
 
 class _ResBlock(nn.Module):
-    def __init__(self, features: int, conv_dim: int) -> None:
+    """``body(h) + shortcut(h)``; body is ReLU, conv, ReLU, conv with bias-free convolutions.
+
+    The shortcut is the identity when the widths match, else a 1x1 convolution (with bias), as
+    in the official GLEAM ``ResBlock``.
+    """
+
+    def __init__(self, cin: int, cout: int, conv_dim: int) -> None:
         super().__init__()
+        pad = _edge_padding(conv_dim)
         self.body = nn.Sequential(
-            nn.ReLU(), _conv(conv_dim, features, features), nn.ReLU(),
-            _conv(conv_dim, features, features),
+            nn.ReLU(), _conv(conv_dim, cin, cout, bias=False, padding_mode=pad),
+            nn.ReLU(), _conv(conv_dim, cout, cout, bias=False, padding_mode=pad),
         )  # fmt: skip
+        self.shortcut = nn.Identity() if cin == cout else _conv(conv_dim, cin, cout, 1)
 
     def forward(self, h: Tensor) -> Tensor:
-        return h + self.body(h)
+        return self.body(h) + self.shortcut(h)
 
 
 class ResidualCNN(nn.Module):
-    """The proximal network of unrolled PGD: a residual CNN on complex images.
+    """The proximal network of unrolled PGD: the official GLEAM ResNet on complex images.
 
-    ``x + conv_out(resblocks(conv_in(x)))`` where each residual block is ReLU, conv, ReLU,
-    conv plus a skip connection; no normalisation (as in GLEAM's and meddlr's networks).
+    ``x + final(resblock_K(... resblock_1(x)))`` on the two real channels of ``x``:
+    ``resblock_1`` maps 2 -> ``features`` channels with a 1x1-convolution shortcut, the
+    other ``num_resblocks - 1`` map ``features`` -> ``features`` with an identity shortcut;
+    each is ReLU, 3x3 conv, ReLU, 3x3 conv (bias-free, pre-activation order); ``final`` is a
+    3x3 conv ``features`` -> 2 with bias. No normalisation. With ``features = F`` and 3x3
+    kernels (``k = 9`` taps in 2D, 27 in 3D) one prox has
+    ``k(2F + F^2) + 3F + (num_resblocks - 1) 2kF^2 + 2kF + 2`` parameters: 273 902 for
+    ``F = 100`` in 2D, 208 052 for ``F = 50`` in 3D (see docs/paper-configs.md).
 
     Args:
         features: channels of the hidden convolutions.
-        num_resblocks: residual blocks between the input and output convolutions.
+        num_resblocks: residual blocks before the final convolution.
         conv_dim: 2 for slices ``(B, H, W)``, 3 for ``(B, D|T, H, W)``.
     """
 
@@ -87,9 +119,8 @@ class ResidualCNN(nn.Module):
         _check_positive_int("num_resblocks", num_resblocks)
         self.conv_dim = conv_dim
         self.net = nn.Sequential(
-            _conv(conv_dim, 2, features),
-            *[_ResBlock(features, conv_dim) for _ in range(num_resblocks)],
-            nn.ReLU(),
+            _ResBlock(2, features, conv_dim),
+            *[_ResBlock(features, features, conv_dim) for _ in range(num_resblocks - 1)],
             _conv(conv_dim, features, 2),
         )
 
@@ -98,8 +129,29 @@ class ResidualCNN(nn.Module):
         return x + channels_to_complex(self.net(complex_to_channels(x)))
 
 
+def _plain_layers(
+    features: int, num_layers: int, conv_dim: int, conv: Callable[[int, int], nn.Module]
+) -> nn.Sequential:
+    widths = [2] + [features] * (num_layers - 1) + [2]
+    layers: list[nn.Module] = []
+    for i in range(num_layers):
+        if i:
+            layers.append(nn.ReLU())
+        layers.append(conv(widths[i], widths[i + 1]))
+    return nn.Sequential(*layers)
+
+
+def _check_num_layers(num_layers: object) -> None:
+    if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 2:
+        raise ValueError(f"num_layers: got {num_layers!r}; expected an int >= 2")
+
+
 class PlainCNN(nn.Module):
-    """MoDL's denoiser: ``num_layers`` convolutions with ReLUs in between, plus a skip.
+    """MoDL's denoiser: ``x + f(x)``, ``f`` = ``num_layers`` bias-free 3x3 convs with ReLUs.
+
+    The layer structure of the official GLEAM MoDL denoiser (its ``RevNet``): convolutions
+    2 -> F -> ... -> F -> 2 without bias, reflection padding in 2D and replication in 3D,
+    a ReLU between consecutive convolutions, and the input added back.
 
     Args:
         features: channels of the hidden convolutions.
@@ -110,50 +162,133 @@ class PlainCNN(nn.Module):
     def __init__(self, features: int = 64, num_layers: int = 5, conv_dim: int = 2) -> None:
         super().__init__()
         _check_positive_int("features", features)
-        if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 2:
-            raise ValueError(f"num_layers: got {num_layers!r}; expected an int >= 2")
+        _check_num_layers(num_layers)
+        pad = _edge_padding(conv_dim)
         self.conv_dim = conv_dim
-        layers: list[nn.Module] = [_conv(conv_dim, 2, features)]
-        for _ in range(num_layers - 2):
-            layers += [nn.ReLU(), _conv(conv_dim, features, features)]
-        layers += [nn.ReLU(), _conv(conv_dim, features, 2)]
-        self.net = nn.Sequential(*layers)
+        self.net = _plain_layers(
+            features,
+            num_layers,
+            conv_dim,
+            lambda cin, cout: _conv(conv_dim, cin, cout, bias=False, padding_mode=pad),
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         _check_image(x, self.conv_dim)
         return x + channels_to_complex(self.net(complex_to_channels(x)))
 
 
-class _BoundedConv(nn.Module):
-    """A convolution whose operator norm is provably at most ``bound``.
+def _apply_conv(x: Tensor, weight: Tensor, padding_mode: str) -> Tensor:
+    """A bias-free 'same' convolution with ``weight`` and the given edge padding."""
+    conv = nn.functional.conv2d if weight.dim() == 4 else nn.functional.conv3d
+    half = weight.shape[-1] // 2
+    if padding_mode == "zeros":
+        return conv(x, weight, padding=half)
+    return conv(nn.functional.pad(x, [half] * (2 * (weight.dim() - 2)), mode=padding_mode), weight)
 
-    The norm of a convolution is at most the sum over kernel taps of each tap's matrix norm,
-    itself at most its Frobenius norm; the weight is scaled down whenever that sum exceeds
-    ``bound``. Deterministic (no power-iteration state), so forward and the re-run of MEL see
-    the same function.
+
+class _SpectralConv(nn.Module):
+    """A bias-free convolution rescaled so that its operator norm is at most ``bound``.
+
+    The norm is that of the convolution as a linear map on inputs of the shape it is called
+    with (padding included), by power iteration on ``W^T W`` (the adjoint through autograd).
+    For a new input shape the iteration runs until the estimate changes by less than
+    ``power_tol`` relative; after a weight update it takes ``warm_iters`` steps from the
+    cached singular vector, which tracks the slowly moving top singular vector as spectral
+    normalisation does (running to full convergence after every optimizer step made training
+    ten times slower). The vector is recomputed only when the weight changes (its version
+    counter moves) or the input shape does, so the same weights always give the same
+    function and the forward pass and MEL's re-runs agree. The scale
+    ``min(1, bound / ||W||)`` is differentiable in the weight.
     """
 
-    def __init__(self, conv_dim: int, cin: int, cout: int, bound: float) -> None:
+    def __init__(
+        self,
+        conv_dim: int,
+        cin: int,
+        cout: int,
+        bound: float,
+        power_tol: float = 1e-4,
+        power_iters: int = 500,
+        warm_iters: int = 1,
+    ) -> None:
         super().__init__()
-        self.conv = _conv(conv_dim, cin, cout)
+        self.padding_mode = _edge_padding(conv_dim)
+        self.conv = _conv(conv_dim, cin, cout, bias=False, padding_mode=self.padding_mode)
         self.bound = bound
+        # Delta-orthogonal start (an orthogonal matrix on the centre tap, zeros elsewhere):
+        # every singular value of the operator equals ``bound``, so normalisation removes
+        # nothing at initialisation. PyTorch's default start has a spread of singular values
+        # and loses most of its strength when the largest is brought down to ``bound``.
+        with torch.no_grad():
+            w = self.conv.weight
+            w.zero_()
+            centre = (slice(None), slice(None)) + (w.shape[-1] // 2,) * conv_dim
+            w[centre] = nn.init.orthogonal_(torch.empty(cout, cin)) * bound
+        self.power_tol = power_tol
+        self.power_iters = power_iters
+        self.warm_iters = warm_iters
+        self._vector: Tensor | None = None
+        self._key: tuple | None = None
+
+    @torch.no_grad()
+    def top_singular_vector(self, spatial: tuple[int, ...]) -> Tensor:
+        """The unit input ``v`` that ``W`` stretches most, for inputs of size ``spatial``."""
+        w = self.conv.weight.detach()
+        shape = (1, w.shape[1], *spatial)
+        key = (w._version, w.data_ptr(), shape, w.device, w.dtype)
+        if key == self._key and self._vector is not None:
+            return self._vector
+        v = self._vector
+        iters = self.warm_iters
+        if v is None or v.shape != shape:
+            gen = torch.Generator().manual_seed(0)  # deterministic cold start
+            v = torch.randn(shape, generator=gen, dtype=w.dtype)
+            iters = self.power_iters
+        v = v.to(w.device, w.dtype)
+        v = v / torch.linalg.vector_norm(v)
+        previous = 0.0
+        for _ in range(iters):
+            with torch.enable_grad():
+                v_in = v.detach().requires_grad_(True)
+                u = _apply_conv(v_in, w, self.padding_mode)
+                (wtw_v,) = torch.autograd.grad(u, v_in, u)
+            sigma = float(torch.linalg.vector_norm(u))
+            v = wtw_v / torch.linalg.vector_norm(wtw_v).clamp_min(1e-30)
+            if abs(sigma - previous) <= self.power_tol * sigma:
+                break
+            previous = sigma
+        self._vector, self._key = v, key
+        return v
+
+    def operator_norm(self, spatial: tuple[int, ...]) -> Tensor:
+        """``||W||`` on inputs of size ``spatial`` (differentiable in the weight)."""
+        v = self.top_singular_vector(spatial)
+        return torch.linalg.vector_norm(_apply_conv(v, self.conv.weight, self.padding_mode))
 
     def forward(self, x: Tensor) -> Tensor:
-        w = self.conv.weight
-        taps = w.flatten(2).transpose(0, 2)  # (taps, in, out)
-        norm = torch.linalg.matrix_norm(taps).sum()
+        norm = self.operator_norm(tuple(x.shape[2:]))
         scale = torch.clamp(self.bound / norm.clamp_min(1e-12), max=1.0)
-        conv = nn.functional.conv2d if w.dim() == 4 else nn.functional.conv3d
-        return conv(x, w * scale, self.conv.bias, padding=1)
+        return _apply_conv(x, self.conv.weight * scale, self.padding_mode)
+
+
+class InversionError(RuntimeError):
+    """The fixed-point iteration of an invertible block did not converge."""
 
 
 class InvertibleResidualCNN(nn.Module):
-    """``x + f(x)`` with ``Lip(f) <= lipschitz < 1``: a denoiser that can be inverted (MEL).
+    """``x + f(x)`` with ``Lip(f) <= lipschitz < 1``: MEL's invertible denoiser.
 
-    ``f`` is a CNN of ``num_layers`` convolutions with ReLUs, each convolution's operator norm
-    bounded by ``lipschitz ** (1 / num_layers)``, so ``x -> x + f(x)`` is invertible and
-    :meth:`inverse` finds ``x`` from ``y`` by the fixed-point iteration ``x <- y - f(x)``, which
-    converges geometrically at rate ``lipschitz`` (the invertible residual blocks of MEL).
+    ``f`` has the layer structure of [`PlainCNN`][mri.models.PlainCNN] (the official MEL
+    ``RevNet``), with each convolution spectrally normalised to operator norm at most
+    ``lipschitz ** (1 / num_layers)`` (measured by power iteration on the convolution
+    operator itself, not a bound on it, so the residual branch keeps its strength). ReLU is
+    1-Lipschitz, so ``Lip(f) <= lipschitz`` up to the accuracy of the power iteration and
+    :meth:`inverse` finds ``x`` from ``y`` by the fixed-point iteration ``x <- y - f(x)``.
+    The official code runs five such iterations unchecked on an unconstrained network; here
+    the iteration runs until the update is below ``inverse_tol`` and raises
+    [`InversionError`][mri.models.InversionError] if it has not converged after
+    ``inverse_iters`` iterations. ``last_inverse`` records the iterations used and the final
+    relative update.
 
     Args:
         features: channels of the hidden convolutions.
@@ -161,7 +296,7 @@ class InvertibleResidualCNN(nn.Module):
         conv_dim: 2 for slices, 3 for volumes or cine.
         lipschitz: the Lipschitz bound of ``f`` (0 < lipschitz < 1).
         inverse_iters: fixed-point iterations at most.
-        inverse_tol: stop when the update is below this fraction of ``|y|``.
+        inverse_tol: converged when an update is below this fraction of ``|y|``.
     """
 
     def __init__(
@@ -170,28 +305,33 @@ class InvertibleResidualCNN(nn.Module):
         num_layers: int = 5,
         conv_dim: int = 2,
         lipschitz: float = 0.9,
-        inverse_iters: int = 50,
+        inverse_iters: int = 200,
         inverse_tol: float = 1e-6,
     ) -> None:
         super().__init__()
         _check_positive_int("features", features)
-        if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 2:
-            raise ValueError(f"num_layers: got {num_layers!r}; expected an int >= 2")
+        _check_num_layers(num_layers)
+        if isinstance(lipschitz, bool) or not isinstance(lipschitz, (int, float)):
+            raise ValueError(f"lipschitz: got {lipschitz!r}; expected 0 < lipschitz < 1")
         if not 0 < lipschitz < 1:
             raise ValueError(f"lipschitz: got {lipschitz!r}; expected 0 < lipschitz < 1")
         _check_positive_int("inverse_iters", inverse_iters)
+        if isinstance(inverse_tol, bool) or not isinstance(inverse_tol, (int, float)):
+            raise ValueError(f"inverse_tol: got {inverse_tol!r}; expected a number > 0")
+        if not inverse_tol > 0:
+            raise ValueError(f"inverse_tol: got {inverse_tol!r}; expected a number > 0")
         self.conv_dim = conv_dim
         bound = lipschitz ** (1.0 / num_layers)
-        widths = [2] + [features] * (num_layers - 1) + [2]
-        layers: list[nn.Module] = []
-        for i in range(num_layers):
-            if i:
-                layers.append(nn.ReLU())
-            layers.append(_BoundedConv(conv_dim, widths[i], widths[i + 1], bound))
-        self.net = nn.Sequential(*layers)
+        self.net = _plain_layers(
+            features,
+            num_layers,
+            conv_dim,
+            lambda cin, cout: _SpectralConv(conv_dim, cin, cout, bound),
+        )
         self.lipschitz = lipschitz
         self.inverse_iters = inverse_iters
         self.inverse_tol = inverse_tol
+        self.last_inverse: dict[str, float] = {}
 
     def residual(self, x: Tensor) -> Tensor:
         """``f(x)``."""
@@ -202,16 +342,28 @@ class InvertibleResidualCNN(nn.Module):
         return x + self.residual(x)
 
     def inverse(self, y: Tensor) -> Tensor:
-        """The ``x`` with ``x + f(x) = y``, by fixed-point iteration."""
+        """The ``x`` with ``x + f(x) = y``, by fixed-point iteration checked for convergence.
+
+        Raises:
+            InversionError: If the update is still above ``inverse_tol * |y|`` after
+                ``inverse_iters`` iterations (or is not finite).
+        """
         x = y
-        limit = self.inverse_tol * float(torch.linalg.vector_norm(y))
-        for _ in range(self.inverse_iters):
+        scale = float(torch.linalg.vector_norm(y))
+        update = float("inf")
+        for it in range(1, self.inverse_iters + 1):
             x_new = y - self.residual(x)
-            done = float(torch.linalg.vector_norm(x_new - x)) <= limit
+            update = float(torch.linalg.vector_norm(x_new - x)) / max(scale, 1e-30)
             x = x_new
-            if done:
-                break
-        return x
+            if update <= self.inverse_tol:
+                self.last_inverse = {"iterations": it, "relative_update": update}
+                return x
+        self.last_inverse = {"iterations": self.inverse_iters, "relative_update": update}
+        raise InversionError(
+            f"InvertibleResidualCNN.inverse: the fixed-point iteration x <- y - f(x) did not "
+            f"converge: relative update {update:.3g} after {self.inverse_iters} iterations "
+            f"(inverse_tol={self.inverse_tol}); raise inverse_iters or lower lipschitz"
+        )
 
 
 def _check_image(x: Tensor, conv_dim: int) -> None:
@@ -278,20 +430,24 @@ class _Unrolled(nn.Sequential):
 class UnrolledPGD(_Unrolled):
     """Unrolled proximal gradient descent (the GLEAM paper's main network).
 
-    Each of the ``num_unrolls`` blocks is ``x <- prox(x + t * A^H(A x - y))`` with a learnable
-    step ``t`` and a :class:`ResidualCNN` prox; blocks do not share weights.
+    Each of the ``num_unrolls`` blocks is ``x <- prox(x + t * A^H(A x - y))`` with the step
+    ``t = -2`` (fixed, as in the official GLEAM code; learnable with
+    ``learnable_step=True``) and a [`ResidualCNN`][mri.models.ResidualCNN] prox; blocks do not
+    share weights.
 
     Example:
-        >>> model = UnrolledPGD(num_unrolls=8, features=32, num_resblocks=2)
+        >>> model = UnrolledPGD(num_unrolls=8, features=100, num_resblocks=2)
         >>> recon = model(meas.zero_filled(), meas)
-        >>> gw = GreedyWrapper(model, splits=4, loss=complex_l1_loss)
+        >>> gw = GreedyWrapper(model, splits=8, loss=complex_l1_loss)
 
     Args:
         num_unrolls: the number of blocks N.
         features: channels of the prox's hidden convolutions.
         num_resblocks: residual blocks per prox.
         conv_dim: 2 for 2D slices, 3 for volumes or 2D+time.
-        step_size: initial gradient step (negative; see :class:`~mri.dc.GradientStepDC`).
+        step_size: the gradient step (negative; see
+            [`GradientStepDC`][mri.dc.GradientStepDC]); its initial value if learnable.
+        learnable_step: train the step of each block (meddlr's default) instead of fixing it.
     """
 
     def __init__(
@@ -301,11 +457,15 @@ class UnrolledPGD(_Unrolled):
         num_resblocks: int = 2,
         conv_dim: int = 2,
         step_size: float = -2.0,
+        learnable_step: bool = False,
     ) -> None:
         _check_positive_int("num_unrolls", num_unrolls)
         super().__init__(
             *[
-                PGDBlock(GradientStepDC(step_size), ResidualCNN(features, num_resblocks, conv_dim))
+                PGDBlock(
+                    GradientStepDC(step_size, learnable=learnable_step),
+                    ResidualCNN(features, num_resblocks, conv_dim),
+                )
                 for _ in range(num_unrolls)
             ]
         )
@@ -314,7 +474,8 @@ class UnrolledPGD(_Unrolled):
 class MoDL(_Unrolled):
     """MoDL (Aggarwal et al.): a CNN denoiser and conjugate-gradient DC, unrolled.
 
-    Each block is ``x <- (A^H A + mu I)^{-1}(A^H y + mu * D(x))`` with a 5-layer CNN ``D``.
+    Each block is ``x <- (A^H A + mu I)^{-1}(A^H y + mu * D(x))`` with a 5-layer CNN ``D``
+    ([`PlainCNN`][mri.models.PlainCNN], the official GLEAM MoDL denoiser).
     Blocks do not share weights (so any split is valid for greedy training).
 
     Args:
@@ -322,11 +483,13 @@ class MoDL(_Unrolled):
         features: channels of the denoiser's hidden convolutions.
         num_layers: convolutions per denoiser.
         cg_iters: conjugate-gradient iterations per DC step.
-        mu: initial regularisation weight of the DC step (learnable).
+        mu: the regularisation weight of the DC step (its initial value if learnable).
         conv_dim: 2 for 2D slices, 3 for volumes or 2D+time.
         cg_tol: relative residual tolerance of CG.
         invertible: use :class:`InvertibleResidualCNN` denoisers, so that every block has an
             ``inverse`` and the network can be trained by inversion (MEL).
+        learnable_mu: train ``mu`` (kept positive; see
+            [`ConjugateGradientDC`][mri.dc.ConjugateGradientDC]) instead of fixing it.
     """
 
     def __init__(
@@ -339,6 +502,7 @@ class MoDL(_Unrolled):
         conv_dim: int = 2,
         cg_tol: float = 1e-6,
         invertible: bool = False,
+        learnable_mu: bool = True,
     ) -> None:
         _check_positive_int("num_unrolls", num_unrolls)
 
@@ -351,7 +515,9 @@ class MoDL(_Unrolled):
             *[
                 MoDLBlock(
                     denoiser(),
-                    ConjugateGradientDC(mu, max_iter=cg_iters, tol=cg_tol),
+                    ConjugateGradientDC(
+                        mu, learnable_mu=learnable_mu, max_iter=cg_iters, tol=cg_tol
+                    ),
                 )
                 for _ in range(num_unrolls)
             ]

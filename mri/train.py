@@ -92,11 +92,14 @@ def build_model(cfg: Config) -> nn.Sequential:
     """The unrolled network of ``cfg.model`` (initialised from the current RNG state)."""
     m = cfg.model
     if m.type == "pgd":
-        return UnrolledPGD(m.num_unrolls, m.features, m.num_resblocks, m.conv_dim, m.step_size)
+        return UnrolledPGD(
+            m.num_unrolls, m.features, m.num_resblocks, m.conv_dim, m.step_size,
+            learnable_step=m.learnable_step,
+        )  # fmt: skip
     invertible = cfg.train.method == "mel" or cfg.train.invertible
     return MoDL(
         m.num_unrolls, m.features, m.num_layers, m.cg_iters, m.mu, m.conv_dim,
-        invertible=invertible,
+        invertible=invertible, learnable_mu=m.learnable_mu,
     )  # fmt: skip
 
 
@@ -127,7 +130,7 @@ def _wrapper(model, t, splits, devices, checkpoint, invertible, nonfinite) -> Gr
         splits=splits,
         devices=devices,
         optimizer=torch.optim.Adam,
-        optimizer_kwargs={"lr": t.lr},
+        optimizer_kwargs={"lr": t.lr, "weight_decay": t.weight_decay},
         loss=complex_l1_loss,
         checkpoint=checkpoint,
         clip_grad_norm=t.clip_grad_norm,

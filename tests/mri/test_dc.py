@@ -88,21 +88,27 @@ def test_cg_with_zero_rhs_returns_zeros_without_nans():
     torch.testing.assert_close(x, rhs / 2)
 
 
-def test_gradient_step_is_meddlr_update_and_descends():
+def test_gradient_step_is_gleams_fixed_update_by_default_and_descends():
     meas = make_meas()
     dc = GradientStepDC()
-    assert dc.step_size.item() == -2.0 and isinstance(dc.step_size, torch.nn.Parameter)
+    # The official GLEAM code applies x - 2 * grad with a constant 2: no trainable step.
+    assert dc.step_size.item() == -2.0 and list(dc.parameters()) == []
+    assert "step_size" in dict(dc.named_buffers())
     x = randc(2, 4, 5, seed=5)
     op = meas.op
     want = x - 2.0 * op.adjoint(op(x) - meas.kspace)
     torch.testing.assert_close(dc(x, meas.to(torch.complex128)), want.to(x.dtype))
-    small = GradientStepDC(step_size=-0.5, learnable=False)
-    assert "step_size" in dict(small.named_buffers())
+    small = GradientStepDC(step_size=-0.5)
 
     def loss(v):
         return (op(v) - meas.kspace).abs().pow(2).sum()
 
     assert loss(small(x, meas)) < loss(x)
+
+
+def test_gradient_step_is_learnable_on_request():
+    dc = GradientStepDC(learnable=True)
+    assert isinstance(dc.step_size, torch.nn.Parameter) and dc.step_size.item() == -2.0
 
 
 def test_dc_steps_work_in_complex64_for_2d_plus_time():
@@ -114,7 +120,7 @@ def test_dc_steps_work_in_complex64_for_2d_plus_time():
 
 def test_gradcheck_through_gradient_step():
     meas = make_meas(b=2, c=2, spatial=(3, 4))
-    dc = GradientStepDC(step_size=-1.3).double()
+    dc = GradientStepDC(step_size=-1.3, learnable=True).double()
     x = randc(2, 3, 4, seed=7).requires_grad_()
     assert torch.autograd.gradcheck(
         lambda v, t: v + t * meas.op.adjoint(meas.op(v) - meas.kspace), (x, dc.step_size)
@@ -137,9 +143,33 @@ def test_gradcheck_through_conjugate_gradient_wrt_z_and_mu():
         return conjugate_gradient(lambda v: op.normal(v) + mu_ * v, rhs, 6, 0.0, x0=z_)
 
     assert torch.autograd.gradcheck(solve, (z, mu))
-    # The module's mu parameter receives a gradient through the same path.
+    # The module's trained mu (through its log-gain) receives a gradient through the same path.
     dc(z, meas).abs().sum().backward()
-    assert dc.mu.grad is not None and torch.isfinite(dc.mu.grad)
+    assert dc.log_mu_gain.grad is not None and torch.isfinite(dc.log_mu_gain.grad)
+    assert float(dc.log_mu_gain.grad) != 0.0
+
+
+@pytest.mark.parametrize("mu0", [4.0, 0.05, 1e-3])
+def test_learnable_mu_starts_exact_and_stays_positive_under_adversarial_gradients(mu0):
+    dc = ConjugateGradientDC(mu=mu0)
+    assert dc.mu.dtype == torch.float32 and dc.mu.item() == torch.tensor(mu0).item()
+    assert [name for name, _ in dc.named_parameters()] == ["log_mu_gain"]
+    opt = torch.optim.SGD(dc.parameters(), lr=1e3)
+    for _ in range(5):  # gradients that push mu down as hard as they can
+        opt.zero_grad()
+        dc.mu.backward()
+        opt.step()
+        assert dc.mu.item() > 0
+    meas = make_meas(dtype=torch.complex64)
+    z = randc(2, 4, 5, dtype=torch.complex64, seed=9)
+    out = dc(z, meas)  # CG on A^H A + mu I with the smallest mu the gain allows: still finite
+    assert torch.isfinite(torch.view_as_real(out)).all()
+
+
+def test_fixed_mu_is_a_buffer():
+    dc = ConjugateGradientDC(mu=0.05, learnable_mu=False)
+    assert list(dc.parameters()) == [] and "mu0" in dict(dc.named_buffers())
+    assert dc.mu.item() == torch.tensor(0.05).item()
 
 
 class TestErrors:

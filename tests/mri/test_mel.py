@@ -11,7 +11,7 @@ from greedywrap import GreedyWrapper
 from mri import ConjugateGradientDC, Measurement, SenseOp
 from mri.coils import birdcage_maps
 from mri.config import ConfigError, load_config
-from mri.models import InvertibleResidualCNN, MoDL, complex_l1_loss
+from mri.models import InversionError, InvertibleResidualCNN, MoDL, complex_l1_loss
 from mri.train import train
 
 
@@ -36,6 +36,87 @@ def test_invertible_denoiser_is_a_contraction_plus_identity_and_inverts():
         x = torch.randn(2, 16, 16, dtype=torch.complex64)
         recovered = net.inverse(net(x))
         assert float((recovered - x).abs().norm() / x.abs().norm()) < 1e-5
+
+
+def _conv_layers(net: InvertibleResidualCNN) -> list[torch.nn.Module]:
+    return [m for m in net.net if not isinstance(m, torch.nn.ReLU)]
+
+
+def _dense_operator_norm(layer: torch.nn.Module, cin: int, n: int) -> float:
+    """Largest singular value of the layer's linear part on n x n inputs, from its matrix."""
+    basis = torch.eye(cin * n * n).reshape(-1, cin, n, n)
+    with torch.no_grad():
+        cols = layer(basis) - layer(torch.zeros(1, cin, n, n))  # drop any bias
+    return float(torch.linalg.matrix_norm(cols.flatten(1), ord=2))
+
+
+def test_each_convolution_is_normalised_to_its_exact_operator_norm():
+    # The old per-tap Frobenius bound left each layer 3.6-12.5x below its allowance; the
+    # normalised operator norm must now be the allowance itself, not a fraction of it.
+    torch.manual_seed(0)
+    lip, layers = 0.8, 3
+    net = InvertibleResidualCNN(features=4, num_layers=layers, lipschitz=lip)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn_like(p) * 2)  # far above the allowance, taps all non-zero
+    allowance = lip ** (1 / layers)
+    n = 6
+    net.residual(torch.randn(1, n, n, dtype=torch.complex64))  # sets the cached norm vectors
+    for layer, cin in zip(_conv_layers(net), (2, 4, 4), strict=True):
+        norm = _dense_operator_norm(layer, cin, n)
+        assert abs(norm - allowance) <= 1e-3 * allowance, (norm, allowance)
+
+
+def test_residual_branch_at_init_is_as_strong_as_the_papers_unconstrained_network():
+    # The official MEL denoiser (RevNet): bias-free convs with ReLUs, no constraint, PyTorch's
+    # default initialisation. The Lipschitz-constrained one must not be weaker at the start.
+    torch.manual_seed(0)
+    features, layers = 70, 5
+    widths = [2] + [features] * (layers - 1) + [2]
+    official: list[torch.nn.Module] = []
+    for i in range(layers):
+        if i:
+            official.append(torch.nn.ReLU())
+        official.append(
+            torch.nn.Conv2d(widths[i], widths[i + 1], 3, padding=1, padding_mode="reflect",
+                            bias=False)
+        )  # fmt: skip
+    official_net = torch.nn.Sequential(*official)
+    net = InvertibleResidualCNN(features=features, num_layers=layers, lipschitz=0.9)
+    z = torch.randn(2, 48, 48, dtype=torch.complex64, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ch = torch.stack((z.real, z.imag), dim=1)
+        reference = float(official_net(ch).norm() / ch.norm())
+        strength = float(net.residual(z).norm() / z.norm())
+        assert strength >= reference
+        x = net.inverse(net(z))
+    assert net.last_inverse["relative_update"] <= net.inverse_tol
+    assert float((x - z).abs().norm() / z.abs().norm()) < 1e-5
+
+
+def test_inverse_raises_when_the_fixed_point_has_not_converged():
+    torch.manual_seed(0)
+    net = InvertibleResidualCNN(features=8, num_layers=3, lipschitz=0.9, inverse_iters=1)
+    y = net(torch.randn(1, 12, 12, dtype=torch.complex64))
+    with torch.no_grad(), pytest.raises(InversionError, match="did not converge.*1 iterations"):
+        net.inverse(y)
+    assert net.last_inverse["iterations"] == 1
+    assert net.last_inverse["relative_update"] > net.inverse_tol
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        ({"lipschitz": 1.0}, "lipschitz"),
+        ({"lipschitz": "0.5"}, "lipschitz"),
+        ({"inverse_iters": 0}, "inverse_iters"),
+        ({"inverse_tol": 0.0}, "inverse_tol"),
+        ({"num_layers": 1}, "num_layers"),
+    ],
+)
+def test_invertible_denoiser_arguments(kw, match):
+    with pytest.raises(ValueError, match=match):
+        InvertibleResidualCNN(**kw)
 
 
 def test_cg_data_consistency_inverse_recovers_its_input():

@@ -1,0 +1,90 @@
+"""The prox and denoiser networks have the official GLEAM layer structure (D4 of issue 13):
+parameter counts by formula, layer order, bias placement, and the forward pass against an
+independent functional re-implementation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from mri.models import MoDL, PlainCNN, ResidualCNN, UnrolledPGD
+
+
+def count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def official_prox_count(features: int, num_resblocks: int, conv_dim: int) -> int:
+    """ResBlock(2->F) with a 1x1 shortcut, (K-1) x ResBlock(F->F), final conv F->2 with bias.
+
+    The residual blocks' 3x3 convolutions have no bias; the 1x1 shortcut and the final
+    convolution have one (nn.Conv defaults in the official code).
+    """
+    k = 3**conv_dim
+    first = k * 2 * features + k * features**2 + (2 * features + features)
+    rest = (num_resblocks - 1) * 2 * k * features**2
+    final = k * features * 2 + 2
+    return first + rest + final
+
+
+@pytest.mark.parametrize(
+    "features, num_resblocks, conv_dim", [(100, 2, 2), (50, 2, 3), (8, 1, 2), (6, 3, 3)]
+)
+def test_prox_parameter_count_is_the_official_resnets(features, num_resblocks, conv_dim):
+    prox = ResidualCNN(features, num_resblocks, conv_dim)
+    assert count(prox) == official_prox_count(features, num_resblocks, conv_dim)
+
+
+def test_prox_layers_are_bias_free_pre_activation_with_a_1x1_shortcut():
+    prox = ResidualCNN(features=6, num_resblocks=2, conv_dim=2)
+    first, second, final = prox.net
+    for block in (first, second):
+        relu1, conv1, relu2, conv2 = block.body
+        assert isinstance(relu1, nn.ReLU) and isinstance(relu2, nn.ReLU)  # act, then conv
+        assert conv1.bias is None and conv2.bias is None
+        assert conv1.kernel_size == (3, 3) and conv1.padding_mode == "reflect"
+    assert first.shortcut.kernel_size == (1, 1) and first.shortcut.bias is not None
+    assert isinstance(second.shortcut, nn.Identity)
+    assert final.kernel_size == (3, 3) and final.bias is not None
+
+
+def test_prox_forward_matches_a_functional_reimplementation():
+    torch.manual_seed(0)
+    prox = ResidualCNN(features=5, num_resblocks=2, conv_dim=2)
+    for p in prox.parameters():
+        nn.init.normal_(p, std=0.3)  # biases non-zero too, so their placement matters
+    x = torch.randn(2, 9, 7, dtype=torch.complex64)
+
+    def conv3(h, w, b=None, mode="reflect"):
+        if mode == "reflect":
+            return F.conv2d(F.pad(h, (1, 1, 1, 1), mode="reflect"), w, b)
+        return F.conv2d(h, w, b, padding=1)
+
+    first, second, final = prox.net
+    h = torch.stack((x.real, x.imag), dim=1)
+    h1 = conv3(F.relu(conv3(F.relu(h), first.body[1].weight)), first.body[3].weight)
+    h1 = h1 + F.conv2d(h, first.shortcut.weight, first.shortcut.bias)
+    h2 = conv3(F.relu(conv3(F.relu(h1), second.body[1].weight)), second.body[3].weight) + h1
+    out = conv3(h2, final.weight, final.bias, mode="zeros")
+    want = x + torch.complex(out[:, 0], out[:, 1])
+    torch.testing.assert_close(prox(x), want)
+
+
+def test_modl_denoiser_is_the_official_bias_free_cnn():
+    denoiser = PlainCNN(features=7, num_layers=5, conv_dim=3)
+    convs = [m for m in denoiser.modules() if isinstance(m, nn.Conv3d)]
+    assert len(convs) == 5 and all(c.bias is None for c in convs)
+    assert all(c.padding_mode == "replicate" for c in convs)
+    assert count(denoiser) == 27 * (2 * 7 + 3 * 7 * 7 + 7 * 2)
+
+
+def test_unrolled_networks_do_not_share_weights_and_count_per_block():
+    pgd = UnrolledPGD(num_unrolls=3, features=4, num_resblocks=2)
+    modl = MoDL(num_unrolls=3, features=4, num_layers=3, learnable_mu=False)
+    assert count(pgd) == 3 * official_prox_count(4, 2, 2)  # the fixed -2 step adds nothing
+    assert len({id(b.prox.net[0].body[1].weight) for b in pgd}) == 3
+    assert count(modl) == 3 * count(PlainCNN(4, 3, 2))
+    learnable = UnrolledPGD(2, 4, 1, learnable_step=True)
+    assert count(learnable) == 2 * (official_prox_count(4, 1, 2) + 1)
