@@ -1,7 +1,7 @@
 """Unrolled reconstruction networks (PGD and MoDL) built as plain sequences of blocks.
 
 Every block is called ``block(x, meas)`` with a complex image ``x`` and a
-:class:`~mri.physics.Measurement`, so :class:`greedywrap.GreedyWrapper` can cut a model into
+[`Measurement`][mri.physics.Measurement], so `GreedyWrapper` can cut a model into
 stages anywhere. Convolutions see the real and imaginary parts as two channels; with
 ``conv_dim=3`` they run over ``(D, H, W)`` volumes or ``(T, H, W)`` cine series.
 """
@@ -283,7 +283,7 @@ class InvertibleResidualCNN(nn.Module):
     ``lipschitz ** (1 / num_layers)`` (measured by power iteration on the convolution
     operator itself, not a bound on it, so the residual branch keeps its strength). ReLU is
     1-Lipschitz, so ``Lip(f) <= lipschitz`` up to the accuracy of the power iteration and
-    :meth:`inverse` finds ``x`` from ``y`` by the fixed-point iteration ``x <- y - f(x)``.
+    `inverse` finds ``x`` from ``y`` by the fixed-point iteration ``x <- y - f(x)``.
     The official code runs five such iterations unchecked on an unconstrained network; here
     the iteration runs until the update is below ``inverse_tol`` and raises
     [`InversionError`][mri.models.InversionError] if it has not converged after
@@ -486,7 +486,7 @@ class MoDL(_Unrolled):
         mu: the regularisation weight of the DC step (its initial value if learnable).
         conv_dim: 2 for 2D slices, 3 for volumes or 2D+time.
         cg_tol: relative residual tolerance of CG.
-        invertible: use :class:`InvertibleResidualCNN` denoisers, so that every block has an
+        invertible: use `InvertibleResidualCNN` denoisers, so that every block has an
             ``inverse`` and the network can be trained by inversion (MEL).
         learnable_mu: train ``mu`` (kept positive; see
             [`ConjugateGradientDC`][mri.dc.ConjugateGradientDC]) instead of fixing it.
