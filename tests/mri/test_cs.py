@@ -43,19 +43,19 @@ def test_l1_wavelet_beats_zero_filled_in_2d(phantom_2d):
 
 
 def test_tv_converges_where_the_old_pdhg_had_not(cine_phantom):
-    # The old SigPy PDHG changed by >0.5 dB between 50 and 200 iterations on cine; FISTA with
-    # the step from the operator-norm bound is settled well before its iteration count.
+    # The old SigPy PDHG changed by >0.5 dB between 50 and 200 iterations on cine. The criterion
+    # the baselines are held to: the iterations they run are within 0.05 dB of 4x as many.
     frames, n = 6, 32
     image = cine_phantom(frames, n)[None]
     maps = birdcage_maps((n, n), 4)[None]
     mask = kt_mask((frames, n, n), 4, calib=4, seed=0)
     kspace = noisy_kspace(SenseOp(maps, mask, fft_dims=2), image)
-    short = psnr(tv_recon(kspace, maps, mask, max_iter=50, tol=0.0), image)
-    long = psnr(tv_recon(kspace, maps, mask, max_iter=200, tol=0.0), image)
+    short = psnr(tv_recon(kspace, maps, mask, max_iter=100, tol=0.0), image)
+    long = psnr(tv_recon(kspace, maps, mask, max_iter=400, tol=0.0), image)
     assert (short - long).abs().item() < 0.05, (short, long)
     # The relative-change criterion stops it early with the same answer.
-    early = psnr(tv_recon(kspace, maps, mask, max_iter=200, tol=1e-4), image)
-    assert (early - long).abs().item() < 0.05
+    early = psnr(tv_recon(kspace, maps, mask, max_iter=400, tol=1e-4), image)
+    assert (early - long).abs().item() < 0.05, (early, long)
 
 
 def test_tv_weight_acts_on_the_normalised_scale(phantom_2d):
