@@ -33,10 +33,11 @@ def test_main_job_writes_the_metrics_figures_and_checkpoint(tmp_path):
          "--iterations", "2", "--out", str(out), "--no-progress"],
         capture_output=True, text=True, timeout=300, cwd=ROOT,
     )  # fmt: skip
-    # Two steps of a tiny network need not beat CS; the job then says so and exits 1.
-    assert done.returncode in (0, 1), done.stderr
-    assert (done.returncode == 1) == ("does not beat" in done.stderr)
+    # Two steps of a tiny network need not beat CS: the job says so but still succeeds.
+    assert done.returncode == 0, done.stderr
     metrics = json.loads((out / "metrics.json").read_text())
+    loses = metrics["gleam"]["psnr"] <= max(metrics["cs"]["psnr"], metrics["zero_filled"]["psnr"])
+    assert loses == ("does not beat" in done.stderr), done.stderr
     assert set(metrics) == {"zero_filled", "cs", "gleam"}
     assert all(set(v) == {"psnr", "ssim", "nrmse"} for v in metrics.values())
     for name in ("comparison.png", "depth.png", "best.pt", "last.pt"):
@@ -56,7 +57,7 @@ def test_main_job_trains_and_reports_the_configs_own_method(tmp_path):
          "--iterations", "2", "--out", str(out), "--no-progress", "--threads", "1"],
         capture_output=True, text=True, timeout=300, cwd=ROOT, env=ENV,
     )  # fmt: skip
-    assert done.returncode in (0, 1), done.stderr
+    assert done.returncode == 0, done.stderr
     assert "end-to-end backpropagation" in done.stdout and "GLEAM" not in done.stdout
     assert set(json.loads((out / "metrics.json").read_text())) == {"zero_filled", "cs", "e2e"}
     # Run again into the same folder: refused, nothing replaced, unless asked.
