@@ -13,7 +13,7 @@ PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
-EXTRAS ?= dist,convert,dev,docs
+EXTRAS ?= dist,convert,dev,docs,bart
 CONSTRAINTS ?= constraints.txt
 DEMO_OUT ?= runs/demo
 BIN := $(VENV)/bin
