@@ -25,6 +25,7 @@ import torch
 
 from greedywrap import memory
 from greedywrap.options import move_args, to_device
+from greedywrap.replay import no_global_borrow
 from greedywrap.stages import detach_state
 from greedywrap.trainer import StageTrainer
 
@@ -150,7 +151,7 @@ def _run_jobs(jobs: queue.SimpleQueue, stream: Any) -> None:
         if fut.set_running_or_notify_cancel():
             try:
                 ctx = torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
-                with memory.worker_scope(), ctx:
+                with memory.worker_scope(), no_global_borrow(), ctx:
                     fn()
             except BaseException as err:  # noqa: BLE001 - handed to the caller via the future
                 fut.set_exception(err)
