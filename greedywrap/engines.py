@@ -22,6 +22,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
 import torch
+from torch.utils import _pytree as pytree
 
 from greedywrap import memory
 from greedywrap.options import move_args, to_device
@@ -44,17 +45,34 @@ class StageError(RuntimeError):
 
 
 class _StepInputs:
-    """Block arguments and target moved to each device at most once per step."""
+    """Block arguments and target moved to each device at most once per step.
+
+    Every worker stream that reads them is recorded on their CUDA tensors (the caller's own
+    included), so the allocator does not hand that memory out again (the graph saves the
+    target and the arguments) before the worker's backward is done with it. Two workers on one
+    GPU share the copies: the first reader made them, and the second is ordered after the first
+    through the chain of stage events.
+    """
 
     def __init__(self, target: Any, args: tuple, kwargs: dict) -> None:
         self.target, self.args, self.kwargs = target, args, kwargs
         self.moved: dict[torch.device, tuple[tuple, dict, Any]] = {}
 
-    def on(self, device: torch.device) -> tuple[tuple, dict, Any]:
+    def on(self, device: torch.device, worker: _Worker | None = None) -> tuple[tuple, dict, Any]:
         if device not in self.moved:
             a, k = move_args(device, self.args, self.kwargs)
             self.moved[device] = (a, k, to_device(self.target, device, "target"))
-        return self.moved[device]
+        moved = self.moved[device]
+        if worker is not None and worker.stream is not None:
+            _record_on(moved, worker.stream)
+        return moved
+
+
+def _record_on(tree: Any, stream: Any) -> None:
+    """Tell the allocator that ``stream`` reads every CUDA tensor of ``tree``."""
+    for leaf in pytree.tree_leaves(tree):
+        if isinstance(leaf, torch.Tensor) and leaf.is_cuda:
+            leaf.record_stream(stream)
 
 
 def _fresh_loss(loss: torch.Tensor) -> torch.Tensor:
@@ -261,13 +279,15 @@ class AsyncEngine:
                         used_streams.append(worker.stream)
                     if prev_event is not None:
                         worker.stream.wait_event(prev_event)
-                a, k, tgt = inputs.on(st.device)
-                inp = self._to_stage(x, st.device, worker)
+                a, k, tgt = inputs.on(st.device, worker)
+                inp = self._to_stage(x, st.device, worker, prev_event)
                 out, loss = st.forward(inp, tgt, a, k, sync)
+                # Cloned on the worker stream that computed the loss (on the caller's stream
+                # the clone could read it before it is written).
+                losses.append(_fresh_loss(loss))
                 if worker.stream is not None:
                     prev_event = torch.cuda.Event()
                     prev_event.record(worker.stream)
-            losses.append(_fresh_loss(loss))
             # A bound method of the stage and the step number taken now, not at run time.
             self.pending[m] = worker.submit(functools.partial(st.update, loss, sync, step))
             if m in self._order:
@@ -283,15 +303,21 @@ class AsyncEngine:
         return losses
 
     @staticmethod
-    def _to_stage(x: Any, device: torch.device, worker: _Worker) -> Any:
-        if isinstance(x, torch.Tensor) and x.is_cuda and x.device != device:
-            # A cross-device copy runs on the source device's current stream, not on the
-            # stream that produced x: tell the allocator so x's memory is not reused before
-            # that copy has run.
-            x.record_stream(torch.cuda.current_stream(x.device))
+    def _to_stage(x: Any, device: torch.device, worker: _Worker, prev_event: Any) -> Any:
+        waited: set[torch.device] = set()
+        for leaf in pytree.tree_leaves(x):
+            if isinstance(leaf, torch.Tensor) and leaf.is_cuda and leaf.device != device:
+                # A cross-device copy runs on the source device's current stream (the
+                # caller's), not on the worker stream that produced the leaf: order it after
+                # that stream's work, and tell the allocator that stream reads the leaf.
+                src = torch.cuda.current_stream(leaf.device)
+                if prev_event is not None and leaf.device not in waited:
+                    src.wait_event(prev_event)
+                    waited.add(leaf.device)
+                leaf.record_stream(src)
         inp = to_device(x, device, "x0")
-        if worker.stream is not None and isinstance(inp, torch.Tensor) and inp.is_cuda:
-            inp.record_stream(worker.stream)
+        if worker.stream is not None:
+            _record_on(inp, worker.stream)
         return inp
 
     def _bound_in_flight(self) -> None:

@@ -105,3 +105,22 @@ def test_default_loss_refuses_shapes_that_only_broadcast_like_mismatched_ones():
 def test_output_selector_of_the_wrong_kind_is_refused():
     with pytest.raises(TypeError, match="output: got 1.5"):
         GreedyWrapper([nn.Identity()], output=1.5)
+
+
+def test_to_device_keeps_namedtuples_and_dict_subclasses_and_moves_their_tensors() -> None:
+    import collections
+
+    from greedywrap.options import to_device
+
+    Pair = collections.namedtuple("Pair", "a b")
+    meta = torch.device("meta")
+    moved = to_device(Pair(torch.zeros(2), [torch.ones(1)]), meta, "x")
+    assert type(moved) is Pair and moved.a.device == meta and moved.b[0].device == meta
+    od = collections.OrderedDict(b=torch.zeros(1), a=torch.zeros(1))
+    out = to_device(od, meta, "x")
+    assert type(out) is collections.OrderedDict and list(out) == ["b", "a"]
+    assert all(v.device == meta for v in out.values())
+    dd = collections.defaultdict(list, k=torch.zeros(1))
+    out = to_device(dd, meta, "x")
+    assert type(out) is collections.defaultdict and out.default_factory is list
+    assert out["k"].device == meta

@@ -1,0 +1,56 @@
+"""P-GLEAM stream hand-offs on CUDA: returned losses and cross-device copies are ordered after
+the worker stream that produced them. Skipped without CUDA (the second test needs two GPUs)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from gpu_toys import (
+    SLEEP_CYCLES,
+    SlowBlock,
+    assert_bitwise_equal,
+    clones,
+    host_copy,
+    make_blocks,
+    make_data,
+    pair_of_devices,
+)
+
+from greedywrap import GreedyWrapper
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+WIDTH, BATCH = 64, 32
+
+
+def _slow_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    # The loss is written only after the sleep on the stream that computes it.
+    torch.cuda._sleep(SLEEP_CYCLES)
+    return torch.nn.functional.mse_loss(pred, target)
+
+
+def test_returned_losses_are_copied_after_the_worker_stream_wrote_them() -> None:
+    blocks = make_blocks(4, WIDTH)
+    x0, target = make_data(BATCH, WIDTH, "cuda:0")
+    ref = GreedyWrapper(clones(blocks), splits=4, devices=[0], loss=_slow_loss)
+    pg = GreedyWrapper(clones(blocks), splits=4, devices=pair_of_devices(), loss=_slow_loss)
+    want = host_copy(ref.train_step(x0, target))
+    got = pg.train_step(x0, target)
+    pg.close()
+    assert_bitwise_equal(host_copy(got), want, "loss")
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_cross_device_copy_waits_for_the_stage_that_produced_its_source() -> None:
+    blocks = make_blocks(4, WIDTH, block=SlowBlock)
+    x0, target = make_data(BATCH, WIDTH, "cuda:0")
+    ref = GreedyWrapper(clones(blocks), splits=2, devices=[0])
+    pg = GreedyWrapper(clones(blocks), splits=2, devices=[0, 1])
+    for _ in range(3):
+        ref.train_step(x0, target)
+        pg.train_step(x0, target)
+    pg.synchronize()
+    assert_bitwise_equal(
+        host_copy(list(pg.parameters())), host_copy(list(ref.parameters())), "parameter"
+    )
+    pg.close()
