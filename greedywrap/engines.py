@@ -25,10 +25,14 @@ import torch
 from torch.utils import _pytree as pytree
 
 from greedywrap import memory
+from greedywrap.inversion import InversionError
 from greedywrap.options import move_args, to_device
 from greedywrap.replay import no_global_borrow
 from greedywrap.stages import detach_state
-from greedywrap.trainer import StageTrainer
+from greedywrap.trainer import NonFiniteLossError, StageTrainer
+
+# The library's own errors raised in an update keep their type under P-GLEAM.
+_OWN_ERRORS = (NonFiniteLossError, InversionError)
 
 __all__ = ["StageError", "SequentialEngine", "AsyncEngine", "make_engine"]
 
@@ -108,6 +112,10 @@ class SequentialEngine:
 
     def close(self, timeout: float | None = None) -> None:
         """Nothing to stop."""
+
+    def still_running(self) -> list[int]:
+        """Nothing runs in the background."""
+        return []
 
 
 _ON_WORKER = threading.local()
@@ -245,6 +253,9 @@ class AsyncEngine:
         except BaseException as err:
             if fut.done() and not fut.cancelled() and fut.exception(0) is err:
                 self.pending[m] = None
+                if isinstance(err, _OWN_ERRORS):
+                    # They already name their stage (and step): the same type as sequentially.
+                    raise err
                 raise StageError(m, self.stages[m].device, err) from err
             # Raised in the caller while waiting (Ctrl-C): unchanged, and the update is kept
             # pending so that the next forward of this stage still waits for it.
@@ -351,28 +362,35 @@ class AsyncEngine:
                 raise
             except BaseException as err:  # noqa: BLE001 - every stage is waited for first
                 first = first or err
-        if first is not None:
-            raise first
-        for worker in self.workers:
-            if worker.stream is not None:
-                worker.stream.synchronize()
+        try:
+            if first is not None:
+                raise first
+        finally:
+            # Even when a stage failed, the kernels the workers queued are waited for, so the
+            # caller never reads memory those streams are still writing.
+            for worker in self.workers:
+                if worker.stream is not None:
+                    worker.stream.synchronize()
+
+    def still_running(self) -> list[int]:
+        """The stages whose update has not finished (after a close that timed out)."""
+        return [m for m, fut in enumerate(self.pending) if fut is not None and not fut.done()]
 
     def close(self, timeout: float | None = None) -> None:
         """Wait for pending updates, then stop the workers. Safe to call twice.
 
-        ``timeout`` bounds the whole close (waits and joins together); by default each wait
-        may last the wrapper's ``timeout``.
+        ``timeout`` bounds the whole close, waits and joins together (default: the wrapper's
+        ``timeout``, once, not once per stage), so a hung worker delays it by that at most.
         """
         if self.closed:
             return
         self.closed = True
-        deadline = None if timeout is None else time.monotonic() + timeout
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
         try:
-            self.synchronize(timeout)
+            self.synchronize(max(deadline - time.monotonic(), 0.0))
         finally:
             for worker in self.workers:
-                left = self.timeout if deadline is None else deadline - time.monotonic()
-                worker.stop(left)
+                worker.stop(deadline - time.monotonic())
             self._finalizer.detach()
             _LIVE_ENGINES.discard(self)
 

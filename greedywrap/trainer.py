@@ -144,10 +144,12 @@ class StageTrainer:
     def compute_loss(self, pred: Any, target: Any) -> torch.Tensor:
         try:
             loss = self.loss_fn(pred, target)
+        except torch.OutOfMemoryError:
+            raise  # not a usage error: out of memory must stay what it is
         except (RuntimeError, ValueError, TypeError) as err:
             raise ValueError(
-                f"loss: stage {self.index} could not compare its output of shape "
-                f"{_shape(pred)} with the target of shape {_shape(target)}: {err}"
+                f"loss: stage {self.index} raised {type(err).__name__} comparing its output "
+                f"of shape {_shape(pred)} with the target of shape {_shape(target)}: {err}"
             ) from err
         if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
             got = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
@@ -208,6 +210,8 @@ class StageTrainer:
         except BaseException:
             opt.zero_grad(set_to_none=True)
             self._inverted = None
+            # The window lost this micro-step's gradient: none of it may be applied.
+            self.window_bad = not sync
             raise
 
     def _update(
@@ -223,7 +227,6 @@ class StageTrainer:
                 opt.zero_grad(set_to_none=True)
                 self._inverted = None
                 if self.nonfinite == "raise":
-                    self.window_bad = False
                     detail = "" if not math.isfinite(value) else "another rank's was not finite"
                     raise NonFiniteLossError(self.index, step, value, detail)
                 if not self.window_bad:

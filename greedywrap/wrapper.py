@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
@@ -332,16 +333,19 @@ class GreedyWrapper(nn.Module):
     @property
     def optimizers(self) -> list[torch.optim.Optimizer | None]:
         """Each stage's optimizer (``None`` for a stage with nothing to train)."""
+        self.synchronize()  # workers change it; a read sees every pending update
         return [t.optimizer for t in self._trainers]
 
     @property
     def schedulers(self) -> list[Any]:
         """Each stage's LR scheduler or ``None``."""
+        self.synchronize()  # workers change it; a read sees every pending update
         return [t.scheduler for t in self._trainers]
 
     @property
     def scalers(self) -> list[torch.amp.GradScaler | None]:
         """Each stage's GradScaler (``precision="fp16"``) or ``None``."""
+        self.synchronize()  # workers change it; a read sees every pending update
         return [t.scaler for t in self._trainers]
 
     @property
@@ -356,11 +360,13 @@ class GreedyWrapper(nn.Module):
         With ``grad_accumulation > 1`` a nonfinite micro-step skips its whole window, counted
         once. Saved by ``state_dict()``.
         """
+        self.synchronize()  # workers change it; a read sees every pending update
         return [t.skipped_updates for t in self._trainers]
 
     @property
     def inversion_errors(self) -> list[list[float]]:
         """Per stage, each block's relative inversion error in the last step (MEL)."""
+        self.synchronize()  # workers change it; a read sees every pending update
         return [list(t.inversion_errors) for t in self._trainers]
 
     # ------------------------------------------------------------------ training
@@ -400,9 +406,13 @@ class GreedyWrapper(nn.Module):
             )
         if self._closed:
             raise RuntimeError("train_step: the wrapper was closed; build a new one to train")
-        sync = (self.step_count + 1) % self.grad_accumulation == 0
-        self.step_count += 1
-        return self._engine.step(x0, target, block_args, block_kwargs, sync, self.step_count)
+        step = self.step_count + 1
+        sync = step % self.grad_accumulation == 0
+        losses = self._engine.step(x0, target, block_args, block_kwargs, sync, step)
+        # Counted only once every stage has run its part, so a step that fails (bad shapes,
+        # an earlier update's error, Ctrl-C) does not shift accumulation windows and numbers.
+        self.step_count = step
+        return losses
 
     def move_args(self, device: torch.device, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         """Move block arguments to ``device`` (tensors and objects with ``.to``)."""
@@ -583,6 +593,8 @@ class GreedyWrapper(nn.Module):
         # owns placement. Dtype changes and moves of a single-device wrapper are allowed.
         if "_engine" in self.__dict__:
             self.synchronize()
+            if self._explicit_devices or self.distributed:
+                self._refuse_moves(fn)
         params = list(super().parameters())
         before = [p.device for p in params]
         result = super()._apply(fn, recurse)
@@ -606,6 +618,18 @@ class GreedyWrapper(nn.Module):
                 t.convert_optimizer_state()
         return result
 
+    def _refuse_moves(self, fn: Callable) -> None:
+        # Probed on an empty tensor per device *before* anything is converted, so a refused
+        # move leaves parameters and optimizer state as they were.
+        for device in dict.fromkeys(self.devices):
+            probe = fn(torch.empty(0, device=device))
+            if isinstance(probe, torch.Tensor) and probe.device != device:
+                raise RuntimeError(
+                    "GreedyWrapper owns device placement: it was built with "
+                    f"devices={[str(d) for d in self.devices]}; build a new wrapper with other "
+                    f"devices instead of moving it by hand (to {probe.device})"
+                )
+
     def synchronize(self) -> None:
         """Wait until every stage's pending update has finished (P-GLEAM).
 
@@ -627,7 +651,18 @@ class GreedyWrapper(nn.Module):
         try:
             self._engine.close()
         finally:
+            running = set(self._engine.still_running())
             for t in self._trainers:
+                if t.index in running:
+                    # Its worker may be inside a collective on this group: destroying the group
+                    # under it could crash the process, so it is left to the interpreter's exit.
+                    warnings.warn(
+                        f"close: stage {t.index}'s update is still running after the timeout; "
+                        "its DDP wrapper and process group are kept",
+                        RuntimeWarning,
+                        stacklevel=2,
+                    )
+                    continue
                 t.close()
 
     def __enter__(self) -> GreedyWrapper:
