@@ -653,7 +653,7 @@ class GreedyWrapper(nn.Module):
         finally:
             running = set(self._engine.still_running())
             for t in self._trainers:
-                if t.index in running:
+                if t.index in running and t.group is not None:
                     # Its worker may be inside a collective on this group: destroying the group
                     # under it could crash the process, so it is left to the interpreter's exit.
                     warnings.warn(
