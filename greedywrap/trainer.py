@@ -292,7 +292,8 @@ class StageTrainer:
             "grads": grads,
         }
 
-    def load_state(self, state: dict[str, Any]) -> None:
+    def check_state(self, state: dict[str, Any]) -> None:
+        """Raise ValueError if ``state`` cannot be loaded into this stage (nothing is changed)."""
         for kind in ("optimizer", "scheduler", "scaler"):
             obj, sd = getattr(self, kind), state.get(kind)
             if (obj is None) != (sd is None):
@@ -301,17 +302,32 @@ class StageTrainer:
                     f"{'missing' if sd is None else 'present'} in the checkpoint but the "
                     f"wrapper {'has' if obj is not None else 'has no'} {kind}"
                 )
+        opt, sd = self.optimizer, state.get("optimizer")
+        if opt is not None and sd is not None:
+            saved = [len(g["params"]) for g in sd.get("param_groups", [])]
+            have = [len(g["params"]) for g in opt.param_groups]
+            if saved != have:
+                raise ValueError(
+                    f"state_dict: stage {self.index} optimizer was saved with parameter groups "
+                    f"of sizes {saved}, but this stage's optimizer has {have}"
+                )
+        grads, n = state.get("grads"), len(self.parameters())
+        if grads is not None and len(grads) != n:
+            raise ValueError(
+                f"state_dict: stage {self.index} saved {len(grads)} gradients for {n} parameters"
+            )
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        """Load what ``state`` returned (call ``check_state`` on every stage first)."""
+        self.check_state(state)
+        for kind in ("optimizer", "scheduler", "scaler"):
+            obj = getattr(self, kind)
             if obj is not None:
-                obj.load_state_dict(sd)
+                obj.load_state_dict(state[kind])
         self.skipped_updates = int(state.get("skipped_updates", 0))
         self.window_bad = bool(state.get("window_bad", False))
         params = self.parameters()
         grads = state.get("grads")
-        if grads is not None and len(grads) != len(params):
-            raise ValueError(
-                f"state_dict: stage {self.index} saved {len(grads)} gradients for "
-                f"{len(params)} parameters"
-            )
         for p, g in zip(params, grads or [None] * len(params), strict=True):
             p.grad = None if g is None else g.to(device=p.device, dtype=p.dtype)
 

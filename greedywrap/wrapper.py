@@ -509,17 +509,23 @@ class GreedyWrapper(nn.Module):
             )
         self.synchronize()
         n = self.num_stages
-        for m, t in enumerate(self._trainers):
-            t.load_state(
-                {
-                    "optimizer": state["optimizers"][m],
-                    "scheduler": state["schedulers"][m],
-                    "scaler": state["scalers"][m],
-                    "skipped_updates": state.get("skipped_updates", [0] * n)[m],
-                    "window_bad": state.get("window_bad", [False] * n)[m],
-                    "grads": state.get("grads", [None] * n)[m],
-                }
-            )
+        per_stage_states = [
+            {
+                "optimizer": state["optimizers"][m],
+                "scheduler": state["schedulers"][m],
+                "scaler": state["scalers"][m],
+                "skipped_updates": state.get("skipped_updates", [0] * n)[m],
+                "window_bad": state.get("window_bad", [False] * n)[m],
+                "grads": state.get("grads", [None] * n)[m],
+            }
+            for m in range(n)
+        ]
+        # Every stage is checked before any is loaded: a mismatch at stage k must not leave
+        # stages 0..k-1 loaded and the rest not.
+        for t, st in zip(self._trainers, per_stage_states, strict=True):
+            t.check_state(st)
+        for t, st in zip(self._trainers, per_stage_states, strict=True):
+            t.load_state(st)
         self.step_count = int(state["step_count"])
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:

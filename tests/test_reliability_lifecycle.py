@@ -166,3 +166,20 @@ def test_out_of_memory_in_the_loss_is_not_turned_into_a_shape_error() -> None:
     gw = GreedyWrapper(make_blocks(1), loss=oom_loss)
     with pytest.raises(torch.OutOfMemoryError, match="injected"):
         gw.train_step(*make_data())
+
+
+def test_a_checkpoint_that_does_not_fit_a_later_stage_loads_nothing() -> None:
+    src = GreedyWrapper(make_blocks(4), splits=2)
+    src.train_step(*make_data())
+    state = src.state_dict()
+    # Stage 1 of the target has an extra parameter group: only it does not fit.
+    dst = GreedyWrapper(
+        make_blocks(4, seed=1),
+        splits=2,
+        optimizer=[torch.optim.Adam, lambda p: torch.optim.Adam([{"params": p}, {"params": []}])],
+    )
+    before = [opt.state_dict() for opt in dst.optimizers]
+    with pytest.raises(ValueError, match="stage 1 optimizer was saved with parameter groups"):
+        dst.load_state_dict(state)
+    after = [opt.state_dict() for opt in dst.optimizers]
+    assert after[0]["state"] == before[0]["state"] == {}
