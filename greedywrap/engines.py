@@ -94,17 +94,21 @@ class SequentialEngine:
     def step(
         self, x0: Any, target: Any, args: tuple, kwargs: dict, sync: bool, step: int
     ) -> list[torch.Tensor]:
+        """One greedy step: every stage's forward, loss, backward and update, in order.
+
+        Returns each stage's loss as a detached 0-dim tensor of its own.
+        """
         inputs = _StepInputs(target, args, kwargs)
         x = detach_state(x0)
         losses = []
         for st in self.stages:
             a, k, tgt = inputs.on(st.device)
-            out, loss = st.forward(to_device(x, st.device, "x0"), tgt, a, k, sync)
-            st.update(loss, sync, step)
+            out, loss, inverted = st.forward(to_device(x, st.device, "x0"), tgt, a, k, sync)
+            st.update(loss, sync, step, inverted)
             losses.append(_fresh_loss(loss))
             x = detach_state(out)
             # Dropping the last references frees this stage's graph before the next stage runs.
-            del out, loss
+            del out, loss, inverted
         return losses
 
     def synchronize(self, timeout: float | None = None) -> None:
@@ -265,6 +269,10 @@ class AsyncEngine:
     def step(
         self, x0: Any, target: Any, args: tuple, kwargs: dict, sync: bool, step: int
     ) -> list[torch.Tensor]:
+        """One greedy step: forwards here, in order; each update submitted to its worker.
+
+        Returns each stage's loss (detached, 0-dim) without waiting for the updates.
+        """
         if self.closed:
             raise RuntimeError("train_step: the wrapper was closed; build a new one to train")
         inputs = _StepInputs(target, args, kwargs)
@@ -292,20 +300,23 @@ class AsyncEngine:
                         worker.stream.wait_event(prev_event)
                 a, k, tgt = inputs.on(st.device, worker)
                 inp = self._to_stage(x, st.device, worker, prev_event)
-                out, loss = st.forward(inp, tgt, a, k, sync)
+                out, loss, inverted = st.forward(inp, tgt, a, k, sync)
                 # Cloned on the worker stream that computed the loss (on the caller's stream
                 # the clone could read it before it is written).
                 losses.append(_fresh_loss(loss))
                 if worker.stream is not None:
                     prev_event = torch.cuda.Event()
                     prev_event.record(worker.stream)
-            # A bound method of the stage and the step number taken now, not at run time.
-            self.pending[m] = worker.submit(functools.partial(st.update, loss, sync, step))
+            # A bound method of the stage, with what this step's forward made and the step
+            # number taken now, not at run time.
+            self.pending[m] = worker.submit(
+                functools.partial(st.update, loss, sync, step, inverted)
+            )
             if m in self._order:
                 self._order.remove(m)
             self._order.append(m)
             x = detach_state(out)
-            del out, loss
+            del out, loss, inverted
             self._bound_in_flight()
         for w in self.workers:
             if w.stream is not None and w.stream in used_streams:

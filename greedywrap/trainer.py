@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch import nn
 
 from greedywrap.inversion import InversionError, InvertedStage
-from greedywrap.stages import Stage, StageUnit
+from greedywrap.stages import Stage, StageUnit, select_output
 
 __all__ = ["NonFiniteLossError", "StageTrainer", "select_output"]
 
@@ -43,15 +43,6 @@ class NonFiniteLossError(FloatingPointError):
         self.value = value
 
 
-def select_output(state: Any, output: Any) -> Any:
-    """What the head and the loss see of a stage's output state (see ``output=``)."""
-    if output is None:
-        return state
-    if callable(output):
-        return output(state)
-    return state[output]
-
-
 class StageTrainer:
     """Stage m's blocks, head, loss, optimizer, scheduler, scaler, DDP wrapper and counters."""
 
@@ -59,7 +50,6 @@ class StageTrainer:
         self,
         stage: Stage,
         head: nn.Module,
-        has_head: bool,
         loss: LossFn,
         *,
         output: Any,
@@ -72,7 +62,7 @@ class StageTrainer:
         max_inversion_error: float | None,
         first_block: int,
     ) -> None:
-        self.stage, self.head, self.has_head = stage, head, has_head
+        self.stage, self.head = stage, head  # a stage without a head has nn.Identity
         self.index = stage.index
         self.unit = StageUnit(stage, head, output)
         self.runner: nn.Module = self.unit  # replaced by a DDP wrapper under data parallelism
@@ -94,12 +84,12 @@ class StageTrainer:
         self.inversion_errors: list[float] = []
         # A nonfinite micro-step poisons its whole accumulation window: nothing of it is applied.
         self.window_bad = False
-        self._inverted: InvertedStage | None = None
 
     # ------------------------------------------------------------------ basics
 
     @property
     def device(self) -> torch.device:
+        """The device of the stage's parameters."""
         return self.stage.device
 
     def parameters(self) -> list[nn.Parameter]:
@@ -110,6 +100,7 @@ class StageTrainer:
         return [p for p in params if p.requires_grad]
 
     def autocast(self) -> contextlib.AbstractContextManager:
+        """The autocast context of ``precision`` on the stage's device (a no-op for fp32)."""
         if self.precision == "fp32":
             return contextlib.nullcontext()
         dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
@@ -145,6 +136,8 @@ class StageTrainer:
     # ------------------------------------------------------------------ forward / update
 
     def compute_loss(self, pred: Any, target: Any) -> torch.Tensor:
+        """The stage's loss of ``pred`` against ``target``; ValueError naming the stage and the
+        shapes if the loss raises or does not return a scalar (out of memory passes through)."""
         try:
             loss = self.loss_fn(pred, target)
         except torch.OutOfMemoryError:
@@ -164,28 +157,31 @@ class StageTrainer:
 
     def forward(
         self, inp: Any, target: Any, args: tuple, kwargs: dict, sync: bool
-    ) -> tuple[Any, torch.Tensor]:
-        """Forward on a detached input; returns ``(output state, loss)`` with the graph alive."""
+    ) -> tuple[Any, torch.Tensor, InvertedStage | None]:
+        """Forward on a detached input.
+
+        Returns ``(output state, loss, inverted)`` with the graph alive; ``inverted`` is the
+        invertible stage's context (else ``None``), to hand to ``update`` with the loss, so
+        nothing of one step is kept on the stage for another thread to read.
+        """
         if self.invertible:
             ctx = InvertedStage.forward(
                 self.stage.blocks, inp, args, kwargs, self.inversion_checkpoints, self.autocast
             )
-            self._inverted = ctx
             with self.autocast():
                 pred = self.head(select_output(ctx.output, self.output))
-                return ctx.output, self.compute_loss(pred, target)
+                return ctx.output, self.compute_loss(pred, target), ctx
         # Under DDP, micro-steps that do not update skip the gradient all-reduce.
         no_sync = getattr(self.runner, "no_sync", None)
         quiet = no_sync() if (no_sync is not None and not sync) else contextlib.nullcontext()
         with quiet, self.autocast():
             out, pred = self.runner(inp, *args, **kwargs)
             loss = self.compute_loss(pred, target)
-        return out, loss
+        return out, loss, None
 
     def prediction(self, out: Any) -> Any:
         """What inference returns for this stage's output: the selection, through the head."""
-        pred = select_output(out, self.output)
-        return self.head(pred) if self.has_head else pred
+        return self.head(select_output(out, self.output))
 
     def _agreed_nonfinite(self, loss: torch.Tensor) -> tuple[bool, float]:
         """Whether this stage's loss is nonfinite on any rank (one all-reduce under DDP)."""
@@ -198,37 +194,51 @@ class StageTrainer:
             bad = bool(flag.item() > 0)
         return bad, value
 
-    def update(self, loss: torch.Tensor, sync: bool, step: int) -> None:
+    def update(
+        self,
+        loss: torch.Tensor,
+        sync: bool,
+        step: int,
+        inverted: InvertedStage | None = None,
+    ) -> None:
         """Backward of the loss; on update steps also clipping, optimizer and scheduler.
 
         ``step`` is the ``train_step`` call this loss belongs to (captured when the update was
-        submitted, so errors name it even when the update runs later on a worker). Whatever
-        fails, no partial gradient is left behind for the next update to add in.
+        submitted, so errors name it even when the update runs later on a worker), ``inverted``
+        what ``forward`` returned with it. Whatever fails, no partial gradient is left behind
+        and the rest of the accumulation window is dropped.
         """
         opt = self.optimizer
         if opt is None or not loss.requires_grad:
             return
         try:
-            self._update(opt, loss, sync, step)
+            self._update(opt, loss, sync, step, inverted)
         except BaseException:
             opt.zero_grad(set_to_none=True)
-            self._inverted = None
             # The window lost this micro-step's gradient: none of it may be applied.
             self.window_bad = not sync
             raise
 
+    def _discard(self, opt: torch.optim.Optimizer, loss: torch.Tensor, sync: bool) -> None:
+        """Apply nothing of this micro-step (and of its window)."""
+        if self.runner is not self.unit and sync:
+            # DDP expects the backward its synced forward prepared, on every rank; the
+            # gradients it reduces are thrown away just below.
+            loss.backward(torch.zeros_like(loss))
+        opt.zero_grad(set_to_none=True)
+
     def _update(
-        self, opt: torch.optim.Optimizer, loss: torch.Tensor, sync: bool, step: int
+        self,
+        opt: torch.optim.Optimizer,
+        loss: torch.Tensor,
+        sync: bool,
+        step: int,
+        inverted: InvertedStage | None,
     ) -> None:
         if self.nonfinite is not None:
             bad, value = self._agreed_nonfinite(loss)
             if bad:
-                if self.runner is not self.unit and sync:
-                    # DDP expects the backward its synced forward prepared, on every rank; the
-                    # gradients it reduces are thrown away just below.
-                    loss.backward(torch.zeros_like(loss))
-                opt.zero_grad(set_to_none=True)
-                self._inverted = None
+                self._discard(opt, loss, sync)
                 if self.nonfinite == "raise":
                     detail = "" if not math.isfinite(value) else "another rank's was not finite"
                     raise NonFiniteLossError(self.index, step, value, detail)
@@ -238,10 +248,7 @@ class StageTrainer:
                 return
             if self.window_bad:
                 # An earlier micro-step of this window was skipped: the window is not applied.
-                if self.runner is not self.unit and sync:
-                    loss.backward(torch.zeros_like(loss))
-                opt.zero_grad(set_to_none=True)
-                self._inverted = None
+                self._discard(opt, loss, sync)
                 self.window_bad = not sync
                 return
         scaler = self.scaler
@@ -251,8 +258,8 @@ class StageTrainer:
             scaler.scale(loss).backward()
         else:
             loss.backward()
-        if self.invertible:
-            self._inverted_backward(opt)
+        if inverted is not None:
+            self._inverted_backward(inverted)
         if not sync:
             return
         if self.clip_grad_norm is not None:
@@ -268,13 +275,11 @@ class StageTrainer:
         if self.scheduler is not None:
             self.scheduler.step()
 
-    def _inverted_backward(self, opt: torch.optim.Optimizer) -> None:
-        ctx, self._inverted = self._inverted, None
+    def _inverted_backward(self, ctx: InvertedStage) -> None:
         errors = ctx.backward(ctx.output.grad, self.autocast)
         self.inversion_errors = errors
         bad = InvertedStage.first_violation(errors, self.max_inversion_error)
         if bad is not None:
-            opt.zero_grad(set_to_none=True)
             raise InversionError(
                 self.index, self.first_block + bad[0], bad[1], self.max_inversion_error
             )

@@ -30,7 +30,7 @@ from greedywrap.stages import (
     normalize_device,
     read_blocks,
 )
-from greedywrap.trainer import NonFiniteLossError, StageTrainer
+from greedywrap.trainer import LossFn, NonFiniteLossError, StageTrainer
 
 __all__ = ["GreedyWrapper", "NonFiniteLossError", "default_loss"]
 
@@ -56,7 +56,6 @@ def default_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return nn.functional.mse_loss(pred, target).clone()
 
 
-LossFn = Callable[[Any, Any], torch.Tensor]
 OptimizerSpec = type[torch.optim.Optimizer] | Callable[..., torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
 
@@ -274,7 +273,7 @@ class GreedyWrapper(nn.Module):
         # Everything a stage trains with lives in its StageTrainer; the engine drives those.
         self._trainers = [
             StageTrainer(
-                self.stages[m], self.heads[m], head_list[m] is not None, loss_list[m],
+                self.stages[m], self.heads[m], loss_list[m],
                 output=output, precision=precision, grad_accumulation=grad_accumulation,
                 clip_grad_norm=clip_grad_norm, nonfinite=nonfinite, invertible=invertible,
                 inversion_checkpoints=inversion_checkpoints,
@@ -413,10 +412,6 @@ class GreedyWrapper(nn.Module):
         # an earlier update's error, Ctrl-C) does not shift accumulation windows and numbers.
         self.step_count = step
         return losses
-
-    def move_args(self, device: torch.device, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        """Move block arguments to ``device`` (tensors and objects with ``.to``)."""
-        return move_args(device, args, kwargs)
 
     # ------------------------------------------------------------------ inference
 
@@ -672,7 +667,9 @@ class GreedyWrapper(nn.Module):
                 t.close()
 
     def __enter__(self) -> GreedyWrapper:
+        """``with GreedyWrapper(...) as gw:`` closes the wrapper when the block ends."""
         return self
 
     def __exit__(self, *exc: Any) -> None:
+        """Close the wrapper (see [`close`][greedywrap.GreedyWrapper.close])."""
         self.close()
