@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -19,9 +19,10 @@ import torch.distributed as dist
 from torch import nn
 
 from greedywrap.inversion import InversionError, InvertedStage
+from greedywrap.options import build_optimizers, build_schedulers
 from greedywrap.stages import Stage, StageUnit, select_output
 
-__all__ = ["NonFiniteLossError", "StageTrainer", "select_output"]
+__all__ = ["NonFiniteLossError", "StageTrainer", "build_trainers", "select_output"]
 
 LossFn = Callable[[Any, Any], torch.Tensor]
 
@@ -359,3 +360,39 @@ def _shape(obj: Any) -> Any:
     if isinstance(obj, dict):
         return {k: _shape(v) for k, v in obj.items()}
     return type(obj).__name__
+
+
+def build_trainers(
+    stages: Sequence[Stage],
+    heads: Sequence[nn.Module],
+    losses: Sequence[LossFn],
+    *,
+    optimizer: Any,
+    optimizer_kwargs: dict[str, Any] | None,
+    scheduler: Any,
+    distributed: bool,
+    precision: str,
+    **options: Any,
+) -> list[StageTrainer]:
+    """One ``StageTrainer`` per stage, with its optimizer, scheduler, scaler and DDP wrapper.
+
+    ``options`` are the per-stage settings of ``StageTrainer`` (``output``,
+    ``grad_accumulation``, ``clip_grad_norm``, ``nonfinite``, ``invertible``, ...). Under data
+    parallelism this is a collective: every rank creates the stages' groups in stage order.
+    """
+    trainers = [
+        StageTrainer(
+            stage, head, loss, precision=precision, first_block=stage.first_block, **options
+        )
+        for stage, head, loss in zip(stages, heads, losses, strict=True)
+    ]
+    optimizers = build_optimizers(optimizer, optimizer_kwargs, [t.parameters() for t in trainers])
+    schedulers = build_schedulers(scheduler, optimizers)
+    for t, opt, sched in zip(trainers, optimizers, schedulers, strict=True):
+        t.optimizer, t.scheduler = opt, sched
+        if precision == "fp16" and opt is not None:
+            t.scaler = torch.amp.GradScaler("cuda")
+    if distributed:
+        for t in trainers:
+            t.attach_ddp()
+    return trainers

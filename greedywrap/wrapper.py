@@ -13,8 +13,6 @@ from torch import nn
 from greedywrap import distributed as _dist
 from greedywrap import engines
 from greedywrap.options import (
-    build_optimizers,
-    build_schedulers,
     check_options,
     move_args,
     per_stage,
@@ -30,7 +28,7 @@ from greedywrap.stages import (
     normalize_device,
     read_blocks,
 )
-from greedywrap.trainer import LossFn, NonFiniteLossError, StageTrainer
+from greedywrap.trainer import LossFn, NonFiniteLossError, build_trainers
 
 __all__ = ["GreedyWrapper", "NonFiniteLossError", "default_loss"]
 
@@ -271,28 +269,13 @@ class GreedyWrapper(nn.Module):
             raise ValueError("invertible: MEL is not supported with distributed data parallelism")
 
         # Everything a stage trains with lives in its StageTrainer; the engine drives those.
-        self._trainers = [
-            StageTrainer(
-                self.stages[m], self.heads[m], loss_list[m],
-                output=output, precision=precision, grad_accumulation=grad_accumulation,
-                clip_grad_norm=clip_grad_norm, nonfinite=nonfinite, invertible=invertible,
-                inversion_checkpoints=inversion_checkpoints,
-                max_inversion_error=max_inversion_error, first_block=firsts[m],
-            )
-            for m in range(num_stages)
-        ]  # fmt: skip
-        optimizers = build_optimizers(
-            optimizer, optimizer_kwargs, [t.parameters() for t in self._trainers]
-        )
-        schedulers = build_schedulers(scheduler, optimizers)
-        for t, opt, sched in zip(self._trainers, optimizers, schedulers, strict=True):
-            t.optimizer, t.scheduler = opt, sched
-            if precision == "fp16" and opt is not None:
-                t.scaler = torch.amp.GradScaler("cuda")
-        if self.distributed:
-            # Group creation is a collective: every rank does it in stage order.
-            for t in self._trainers:
-                t.attach_ddp()
+        self._trainers = build_trainers(
+            self.stages, self.heads, loss_list, optimizer=optimizer,
+            optimizer_kwargs=optimizer_kwargs, scheduler=scheduler, distributed=self.distributed,
+            output=output, precision=precision, grad_accumulation=grad_accumulation,
+            clip_grad_norm=clip_grad_norm, nonfinite=nonfinite, invertible=invertible,
+            inversion_checkpoints=inversion_checkpoints, max_inversion_error=max_inversion_error,
+        )  # fmt: skip
 
         self.grad_accumulation = grad_accumulation
         self.devices = device_list
