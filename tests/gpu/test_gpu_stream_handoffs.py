@@ -54,3 +54,43 @@ def test_cross_device_copy_waits_for_the_stage_that_produced_its_source() -> Non
         host_copy(list(pg.parameters())), host_copy(list(ref.parameters())), "parameter"
     )
     pg.close()
+
+
+class _FailingBackward(torch.nn.Module):
+    """A block whose backward raises: its stage's update fails on the worker."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.fc(x)
+
+        def fail(g: torch.Tensor) -> torch.Tensor:
+            raise RuntimeError("injected failure")
+
+        y.register_hook(fail)
+        return y
+
+
+def test_synchronize_that_raises_still_waits_for_the_other_worker_streams() -> None:
+    from gpu_toys import SlowAdam
+
+    from greedywrap import StageError
+
+    blocks = [*make_blocks(2, WIDTH), _FailingBackward(WIDTH)]
+    x0, target = make_data(BATCH, WIDTH, "cuda:0")
+    kwargs = {"splits": [2, 1], "optimizer": SlowAdam, "optimizer_kwargs": {"lr": 1e-2}}
+    ref = GreedyWrapper(clones(blocks[:2]), splits=1, devices=[0], optimizer=SlowAdam,
+                        optimizer_kwargs={"lr": 1e-2})  # fmt: skip
+    ref.train_step(x0, target)
+    expected = host_copy(list(ref.parameters()))
+    pg = GreedyWrapper(clones(blocks), devices=pair_of_devices(), **kwargs)
+    pg.train_step(x0, target)
+    with pytest.raises(StageError, match="injected failure"):
+        pg.synchronize()
+    # Read right away on the caller's stream: stage 0's Adam step is queued behind a sleep on
+    # its worker stream, so this sees it only if the failed synchronize waited for the streams.
+    snapshot = [p.detach().clone() for p in pg.stages[0].parameters()]
+    assert_bitwise_equal(host_copy(snapshot), expected, "stage 0 parameter")
+    pg.close()
