@@ -302,8 +302,12 @@ class AsyncEngine:
                 inp = self._to_stage(x, st.device, worker, prev_event)
                 out, loss, inverted = st.forward(inp, tgt, a, k, sync)
                 # Cloned on the worker stream that computed the loss (on the caller's stream
-                # the clone could read it before it is written).
-                losses.append(_fresh_loss(loss))
+                # the clone could read it before it is written); the caller, which reads and
+                # frees the clone, is recorded on it.
+                fresh = _fresh_loss(loss)
+                if worker.stream is not None and fresh.is_cuda:
+                    fresh.record_stream(caller[worker.index])
+                losses.append(fresh)
                 if worker.stream is not None:
                     prev_event = torch.cuda.Event()
                     prev_event.record(worker.stream)
