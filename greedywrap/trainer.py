@@ -123,8 +123,9 @@ class StageTrainer:
             device_ids=[self.device.index] if self.device.type == "cuda" else None,
             process_group=self.group,
             # A buffer broadcast would be a collective in the caller's forward, racing the
-            # workers' all-reduces on other communicators (see greedywrap.distributed).
-            broadcast_buffers=False,
+            # workers' all-reduces on other communicators (see greedywrap.distributed). Buffers
+            # are still synced once, when DDP is built.
+            forward_sync_buffers=False,
         )
 
     def close(self) -> None:
