@@ -38,7 +38,11 @@ __all__ = ["StageError", "SequentialEngine", "AsyncEngine", "make_engine"]
 
 
 class StageError(RuntimeError):
-    """A stage's backward or update failed on its worker; ``stage`` is its 0-based index."""
+    """A stage's backward or update failed on its worker; ``stage`` is its 0-based index.
+
+    The library's own errors (``NonFiniteLossError``, ``InversionError``) are raised as
+    themselves instead, with the same type as in the sequential engine.
+    """
 
     def __init__(self, stage: int, device: torch.device, cause: BaseException) -> None:
         super().__init__(

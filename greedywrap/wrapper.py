@@ -623,7 +623,9 @@ class GreedyWrapper(nn.Module):
         ``load_state_dict``, ``parameters``, ``to``, ``copy.deepcopy``) calls it first.
 
         Raises:
-            StageError: a stage's backward or update failed on its worker.
+            NonFiniteLossError: a stage's loss was not finite (``nonfinite="raise"``).
+            InversionError: an invertible stage's reconstruction error was too large.
+            StageError: any other failure of a stage's backward or update on its worker.
         """
         self._engine.synchronize()
 
