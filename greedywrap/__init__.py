@@ -1,8 +1,8 @@
 """greedywrap: greedy (stage-wise, decoupled) training of deep unrolled networks.
 
-Wrap any sequence of blocks in :class:`GreedyWrapper`, choose the number of stages, and train
-with ``train_step``: each stage learns from its own local loss on a detached input, so training
-memory scales with one stage instead of the whole network.
+Wrap any sequence of blocks in [`GreedyWrapper`][greedywrap.GreedyWrapper], choose the number
+of stages, and train with ``train_step``: each stage learns from its own local loss on a
+detached input, so training memory scales with one stage instead of the whole network.
 """
 
 from greedywrap.engines import StageError

@@ -2,9 +2,15 @@
 
 When ``torch.distributed`` is initialised (``torchrun``, or HF Accelerate under ``torchrun``),
 every rank builds the same stages and each stage is wrapped in its own DDP with its own process
-group. Separate groups matter for P-GLEAM: stage updates run on different worker threads, and
-collectives of different stages must never interleave on one group, where their order could
-differ between ranks and deadlock. Within a stage the order is fixed (one backward per step).
+group, so collectives of different stages never interleave on one group. Separate groups are
+not enough under P-GLEAM with NCCL: collectives of different communicators on one GPU, issued
+from several threads in an order that differs between ranks, can deadlock. So every collective
+of a stage runs on its worker, in the order the stages were submitted (the same on every rank):
+DDP is built with ``forward_sync_buffers=False`` (no collective in the caller's forward;
+buffers such as batch-norm running statistics are synced when DDP is built, then stay per
+rank), and the nonfinite flag is all-reduced in the update. Two worker entries on one GPU
+(``devices=[0, 0]``) still issue collectives from two threads: avoid that combination with
+NCCL. Within a stage the order is fixed (one backward per step).
 Each stage's DDP wrapper and group belong to its ``StageTrainer`` (``greedywrap.trainer``);
 ``GreedyWrapper.close()`` releases them and destroys the groups, so call it before
 ``torch.distributed.destroy_process_group()``.

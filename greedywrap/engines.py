@@ -22,17 +22,27 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
 import torch
+from torch.utils import _pytree as pytree
 
 from greedywrap import memory
+from greedywrap.inversion import InversionError
 from greedywrap.options import move_args, to_device
+from greedywrap.replay import no_global_borrow
 from greedywrap.stages import detach_state
-from greedywrap.trainer import StageTrainer
+from greedywrap.trainer import NonFiniteLossError, StageTrainer
+
+# The library's own errors raised in an update keep their type under P-GLEAM.
+_OWN_ERRORS = (NonFiniteLossError, InversionError)
 
 __all__ = ["StageError", "SequentialEngine", "AsyncEngine", "make_engine"]
 
 
 class StageError(RuntimeError):
-    """A stage's backward or update failed on its worker; ``stage`` is its 0-based index."""
+    """A stage's backward or update failed on its worker; ``stage`` is its 0-based index.
+
+    The library's own errors (``NonFiniteLossError``, ``InversionError``) are raised as
+    themselves instead, with the same type as in the sequential engine.
+    """
 
     def __init__(self, stage: int, device: torch.device, cause: BaseException) -> None:
         super().__init__(
@@ -43,17 +53,34 @@ class StageError(RuntimeError):
 
 
 class _StepInputs:
-    """Block arguments and target moved to each device at most once per step."""
+    """Block arguments and target moved to each device at most once per step.
+
+    Every worker stream that reads them is recorded on their CUDA tensors (the caller's own
+    included), so the allocator does not hand that memory out again (the graph saves the
+    target and the arguments) before the worker's backward is done with it. Two workers on one
+    GPU share the copies: the first reader made them, and the second is ordered after the first
+    through the chain of stage events.
+    """
 
     def __init__(self, target: Any, args: tuple, kwargs: dict) -> None:
         self.target, self.args, self.kwargs = target, args, kwargs
         self.moved: dict[torch.device, tuple[tuple, dict, Any]] = {}
 
-    def on(self, device: torch.device) -> tuple[tuple, dict, Any]:
+    def on(self, device: torch.device, worker: _Worker | None = None) -> tuple[tuple, dict, Any]:
         if device not in self.moved:
             a, k = move_args(device, self.args, self.kwargs)
             self.moved[device] = (a, k, to_device(self.target, device, "target"))
-        return self.moved[device]
+        moved = self.moved[device]
+        if worker is not None and worker.stream is not None:
+            _record_on(moved, worker.stream)
+        return moved
+
+
+def _record_on(tree: Any, stream: Any) -> None:
+    """Tell the allocator that ``stream`` reads every CUDA tensor of ``tree``."""
+    for leaf in pytree.tree_leaves(tree):
+        if isinstance(leaf, torch.Tensor) and leaf.is_cuda:
+            leaf.record_stream(stream)
 
 
 def _fresh_loss(loss: torch.Tensor) -> torch.Tensor:
@@ -71,17 +98,21 @@ class SequentialEngine:
     def step(
         self, x0: Any, target: Any, args: tuple, kwargs: dict, sync: bool, step: int
     ) -> list[torch.Tensor]:
+        """One greedy step: every stage's forward, loss, backward and update, in order.
+
+        Returns each stage's loss as a detached 0-dim tensor of its own.
+        """
         inputs = _StepInputs(target, args, kwargs)
         x = detach_state(x0)
         losses = []
         for st in self.stages:
             a, k, tgt = inputs.on(st.device)
-            out, loss = st.forward(to_device(x, st.device, "x0"), tgt, a, k, sync)
-            st.update(loss, sync, step)
+            out, loss, inverted = st.forward(to_device(x, st.device, "x0"), tgt, a, k, sync)
+            st.update(loss, sync, step, inverted)
             losses.append(_fresh_loss(loss))
             x = detach_state(out)
             # Dropping the last references frees this stage's graph before the next stage runs.
-            del out, loss
+            del out, loss, inverted
         return losses
 
     def synchronize(self, timeout: float | None = None) -> None:
@@ -89,6 +120,10 @@ class SequentialEngine:
 
     def close(self, timeout: float | None = None) -> None:
         """Nothing to stop."""
+
+    def still_running(self) -> list[int]:
+        """Nothing runs in the background."""
+        return []
 
 
 _ON_WORKER = threading.local()
@@ -150,7 +185,7 @@ def _run_jobs(jobs: queue.SimpleQueue, stream: Any) -> None:
         if fut.set_running_or_notify_cancel():
             try:
                 ctx = torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
-                with memory.worker_scope(), ctx:
+                with memory.worker_scope(), no_global_borrow(), ctx:
                     fn()
             except BaseException as err:  # noqa: BLE001 - handed to the caller via the future
                 fut.set_exception(err)
@@ -226,6 +261,9 @@ class AsyncEngine:
         except BaseException as err:
             if fut.done() and not fut.cancelled() and fut.exception(0) is err:
                 self.pending[m] = None
+                if isinstance(err, _OWN_ERRORS):
+                    # They already name their stage (and step): the same type as sequentially.
+                    raise err
                 raise StageError(m, self.stages[m].device, err) from err
             # Raised in the caller while waiting (Ctrl-C): unchanged, and the update is kept
             # pending so that the next forward of this stage still waits for it.
@@ -235,6 +273,10 @@ class AsyncEngine:
     def step(
         self, x0: Any, target: Any, args: tuple, kwargs: dict, sync: bool, step: int
     ) -> list[torch.Tensor]:
+        """One greedy step: forwards here, in order; each update submitted to its worker.
+
+        Returns each stage's loss (detached, 0-dim) without waiting for the updates.
+        """
         if self.closed:
             raise RuntimeError("train_step: the wrapper was closed; build a new one to train")
         inputs = _StepInputs(target, args, kwargs)
@@ -260,20 +302,29 @@ class AsyncEngine:
                         used_streams.append(worker.stream)
                     if prev_event is not None:
                         worker.stream.wait_event(prev_event)
-                a, k, tgt = inputs.on(st.device)
-                inp = self._to_stage(x, st.device, worker)
-                out, loss = st.forward(inp, tgt, a, k, sync)
+                a, k, tgt = inputs.on(st.device, worker)
+                inp = self._to_stage(x, st.device, worker, prev_event)
+                out, loss, inverted = st.forward(inp, tgt, a, k, sync)
+                # Cloned on the worker stream that computed the loss (on the caller's stream
+                # the clone could read it before it is written); the caller, which reads and
+                # frees the clone, is recorded on it.
+                fresh = _fresh_loss(loss)
+                if worker.stream is not None and fresh.is_cuda:
+                    fresh.record_stream(caller[worker.index])
+                losses.append(fresh)
                 if worker.stream is not None:
                     prev_event = torch.cuda.Event()
                     prev_event.record(worker.stream)
-            losses.append(_fresh_loss(loss))
-            # A bound method of the stage and the step number taken now, not at run time.
-            self.pending[m] = worker.submit(functools.partial(st.update, loss, sync, step))
+            # A bound method of the stage, with what this step's forward made and the step
+            # number taken now, not at run time.
+            self.pending[m] = worker.submit(
+                functools.partial(st.update, loss, sync, step, inverted)
+            )
             if m in self._order:
                 self._order.remove(m)
             self._order.append(m)
             x = detach_state(out)
-            del out, loss
+            del out, loss, inverted
             self._bound_in_flight()
         for w in self.workers:
             if w.stream is not None and w.stream in used_streams:
@@ -282,15 +333,21 @@ class AsyncEngine:
         return losses
 
     @staticmethod
-    def _to_stage(x: Any, device: torch.device, worker: _Worker) -> Any:
-        if isinstance(x, torch.Tensor) and x.is_cuda and x.device != device:
-            # A cross-device copy runs on the source device's current stream, not on the
-            # stream that produced x: tell the allocator so x's memory is not reused before
-            # that copy has run.
-            x.record_stream(torch.cuda.current_stream(x.device))
+    def _to_stage(x: Any, device: torch.device, worker: _Worker, prev_event: Any) -> Any:
+        waited: set[torch.device] = set()
+        for leaf in pytree.tree_leaves(x):
+            if isinstance(leaf, torch.Tensor) and leaf.is_cuda and leaf.device != device:
+                # A cross-device copy runs on the source device's current stream (the
+                # caller's), not on the worker stream that produced the leaf: order it after
+                # that stream's work, and tell the allocator that stream reads the leaf.
+                src = torch.cuda.current_stream(leaf.device)
+                if prev_event is not None and leaf.device not in waited:
+                    src.wait_event(prev_event)
+                    waited.add(leaf.device)
+                leaf.record_stream(src)
         inp = to_device(x, device, "x0")
-        if worker.stream is not None and isinstance(inp, torch.Tensor) and inp.is_cuda:
-            inp.record_stream(worker.stream)
+        if worker.stream is not None:
+            _record_on(inp, worker.stream)
         return inp
 
     def _bound_in_flight(self) -> None:
@@ -324,28 +381,35 @@ class AsyncEngine:
                 raise
             except BaseException as err:  # noqa: BLE001 - every stage is waited for first
                 first = first or err
-        if first is not None:
-            raise first
-        for worker in self.workers:
-            if worker.stream is not None:
-                worker.stream.synchronize()
+        try:
+            if first is not None:
+                raise first
+        finally:
+            # Even when a stage failed, the kernels the workers queued are waited for, so the
+            # caller never reads memory those streams are still writing.
+            for worker in self.workers:
+                if worker.stream is not None:
+                    worker.stream.synchronize()
+
+    def still_running(self) -> list[int]:
+        """The stages whose update has not finished (after a close that timed out)."""
+        return [m for m, fut in enumerate(self.pending) if fut is not None and not fut.done()]
 
     def close(self, timeout: float | None = None) -> None:
         """Wait for pending updates, then stop the workers. Safe to call twice.
 
-        ``timeout`` bounds the whole close (waits and joins together); by default each wait
-        may last the wrapper's ``timeout``.
+        ``timeout`` bounds the whole close, waits and joins together (default: the wrapper's
+        ``timeout``, once, not once per stage), so a hung worker delays it by that at most.
         """
         if self.closed:
             return
         self.closed = True
-        deadline = None if timeout is None else time.monotonic() + timeout
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
         try:
-            self.synchronize(timeout)
+            self.synchronize(max(deadline - time.monotonic(), 0.0))
         finally:
             for worker in self.workers:
-                left = self.timeout if deadline is None else deadline - time.monotonic()
-                worker.stop(left)
+                worker.stop(deadline - time.monotonic())
             self._finalizer.detach()
             _LIVE_ENGINES.discard(self)
 

@@ -3,6 +3,7 @@ schedulers, and moving block arguments to devices. Every error names the argumen
 
 from __future__ import annotations
 
+import copy
 import inspect
 import threading
 from collections.abc import Callable, Sequence
@@ -42,10 +43,20 @@ def to_device(obj: Any, device: torch.device, path: str) -> Any:
         # Copies to a GPU may overlap (the GPU's stream orders them before their readers); a
         # copy to the host must be complete before the host reads it, so it blocks.
         return obj.to(device, non_blocking=device.type == "cuda")
-    if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # a namedtuple keeps its type
+        return type(obj)(
+            *(to_device(v, device, f"{path}.{f}") for f, v in zip(obj._fields, obj, strict=True))
+        )
+    if isinstance(obj, (list, tuple)):
         return type(obj)(to_device(v, device, f"{path}[{i}]") for i, v in enumerate(obj))
     if isinstance(obj, dict):
-        return {k: to_device(v, device, f"{path}[{k!r}]") for k, v in obj.items()}
+        moved = {k: to_device(v, device, f"{path}[{k!r}]") for k, v in obj.items()}
+        if type(obj) is dict:
+            return moved
+        # A dict subclass (OrderedDict, defaultdict, a user's) keeps its type and attributes.
+        out = copy.copy(obj)
+        out.update(moved)
+        return out
     to = getattr(obj, "to", None)
     if callable(to) and not isinstance(obj, (str, bytes, type)):
         try:

@@ -10,6 +10,10 @@ Here the forward still draws from the global generator (so the numbers are exact
 run without workers), but only its *state* is captured. The recomputation runs under a
 thread-local dispatch mode that hands every random operator a private generator started from
 that state, so it reproduces the forward's numbers and leaves the global generator alone.
+A forward that drew nothing (the generator states are unchanged at its end) is recomputed with
+no dispatch mode at all, so blocks without randomness pay nothing for this. Random operators
+that take no generator can only be replayed by lending them the global generator; a P-GLEAM
+worker refuses that with a clear error instead of racing the caller.
 """
 
 from __future__ import annotations
@@ -22,11 +26,26 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["checkpoint_contexts"]
+__all__ = ["checkpoint_contexts", "no_global_borrow"]
 
-# Random operators with no overload taking a generator (e.g. CUDA's fused native_dropout)
-# must borrow the global generator; this lock at least serialises such borrowings.
+# Random operators with no overload taking a generator (CUDA's fused native_dropout, fused
+# attention and RNN dropout) can only be replayed by lending them the global generator. That is
+# safe on the thread that owns the global stream of draws (the caller), never on a P-GLEAM
+# worker, where the caller keeps drawing at the same time: there it is refused (see
+# `no_global_borrow`). The lock serialises borrowings between threads that may borrow.
 _GLOBAL_BORROW = threading.Lock()
+_THREAD = threading.local()
+
+
+@contextlib.contextmanager
+def no_global_borrow() -> Iterator[None]:
+    """Within this context (a P-GLEAM worker's job) a replay may not borrow the global generator."""
+    before = getattr(_THREAD, "no_borrow", False)
+    _THREAD.no_borrow = True
+    try:
+        yield
+    finally:
+        _THREAD.no_borrow = before
 
 
 def _device_of(args: tuple, kwargs: dict) -> torch.device:
@@ -46,25 +65,51 @@ def _global_state(device: torch.device) -> torch.Tensor:
 
 
 class _Capture:
-    """Forward context: remember the global generator state of the stage's device(s)."""
+    """Forward context: remember the global generator states, and whether the forward drew."""
 
-    def __init__(self, box: dict[torch.device, torch.Tensor], device: torch.device) -> None:
+    def __init__(self, box: dict[Any, Any], device: torch.device) -> None:
         self.box, self.device = box, device
 
-    def __enter__(self) -> None:
+    def _devices(self) -> list[torch.device]:
         cpu = torch.device("cpu")
-        self.box[cpu] = torch.get_rng_state()
-        if self.device.type == "cuda":
-            self.box[self.device] = _global_state(self.device)
+        return [cpu, self.device] if self.device.type == "cuda" else [cpu]
+
+    def __enter__(self) -> None:
+        for dev in self._devices():
+            self.box[dev] = _global_state(dev)
 
     def __exit__(self, *exc: Any) -> None:
-        return None
+        # A forward that drew no random number needs no replay: recomputation then runs with
+        # no dispatch mode at all, as cheap as a checkpoint without RNG handling.
+        self.box["drew"] = any(
+            not torch.equal(_global_state(dev), self.box[dev]) for dev in self._devices()
+        )
+
+
+class _Recompute:
+    """Recompute context: a fresh replay of the captured states, or nothing if none was drawn."""
+
+    def __init__(self, box: dict[Any, Any]) -> None:
+        self.box = box
+        self.mode: _Replay | None = None
+
+    def __enter__(self) -> None:
+        # `drew` is unset when the forward raised: replaying is then the safe choice.
+        if self.box.get("drew", True):
+            # A new replay each time, so a second recomputation starts from the same states.
+            self.mode = _Replay(self.box)
+            self.mode.__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        mode, self.mode = self.mode, None
+        if mode is not None:
+            mode.__exit__(*exc)
 
 
 class _Replay(TorchDispatchMode):
-    """Recompute context: random operators draw from private copies of the captured states."""
+    """Random operators draw from private copies of the captured states."""
 
-    def __init__(self, box: dict[torch.device, torch.Tensor]) -> None:
+    def __init__(self, box: dict[Any, Any]) -> None:
         super().__init__()
         self.box = box
         self.generators: dict[torch.device, torch.Generator] = {}
@@ -89,13 +134,27 @@ class _Replay(TorchDispatchMode):
         gen = self._generator(_device_of(args, kwargs))
         if any(a.name == "generator" for a in func._schema.arguments):
             return func(*args, **kwargs, generator=gen)
-        name = func._overloadname
-        for alt in (f"{name}_generator", "generator" if name == "default" else ""):
-            overload = getattr(func.overloadpacket, alt, None) if alt else None
-            if overload is not None:
-                return overload(*args, **kwargs, generator=gen)
+        overload = getattr(func.overloadpacket, _generator_overload(func._overloadname), None)
+        if overload is not None:
+            return overload(*args, **kwargs, generator=gen)
+        if getattr(_THREAD, "no_borrow", False):
+            raise RuntimeError(
+                f"checkpoint=True: recomputing a block on a P-GLEAM worker met {func}, a random "
+                "operator that takes no generator (e.g. CUDA dropout, fused attention or RNN "
+                "dropout); replaying it would race the caller's global generator. Use "
+                "checkpoint=False for this model, or one device entry (the sequential engine)"
+            )
         with _GLOBAL_BORROW, _borrow_global(gen):
             return func(*args, **kwargs)
+
+
+def _generator_overload(name: str) -> str:
+    # aten spells them `generator` (for `default`), `generator_out` (for `out`), `X_generator`.
+    if name == "default":
+        return "generator"
+    if name == "out":
+        return "generator_out"
+    return f"{name}_generator"
 
 
 @contextlib.contextmanager
@@ -125,5 +184,5 @@ def checkpoint_contexts(
     Use with ``preserve_rng_state=False``: the first context captures the global generator
     state when the block's forward starts, the second replays it privately in recomputation.
     """
-    box: dict[torch.device, torch.Tensor] = {}
-    return _Capture(box, device), _Replay(box)
+    box: dict[Any, Any] = {}
+    return _Capture(box, device), _Recompute(box)

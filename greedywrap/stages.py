@@ -326,10 +326,16 @@ class StageUnit(nn.Module):
 
     def forward(self, x: Any, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
         out = self.stage(x, *args, **kwargs)
-        if self.output is None:
-            return out, self.head(out)
-        pred = self.output(out) if callable(self.output) else out[self.output]
-        return out, self.head(pred)
+        return out, self.head(select_output(out, self.output))
+
+
+def select_output(state: Any, output: Any) -> Any:
+    """What the head and the loss see of a stage's output state (see ``output=``)."""
+    if output is None:
+        return state
+    if callable(output):
+        return output(state)
+    return state[output]
 
 
 CARRY_RULE = (

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -19,9 +19,10 @@ import torch.distributed as dist
 from torch import nn
 
 from greedywrap.inversion import InversionError, InvertedStage
-from greedywrap.stages import Stage, StageUnit
+from greedywrap.options import build_optimizers, build_schedulers
+from greedywrap.stages import Stage, StageUnit, select_output
 
-__all__ = ["NonFiniteLossError", "StageTrainer", "select_output"]
+__all__ = ["NonFiniteLossError", "StageTrainer", "build_trainers", "select_output"]
 
 LossFn = Callable[[Any, Any], torch.Tensor]
 
@@ -43,15 +44,6 @@ class NonFiniteLossError(FloatingPointError):
         self.value = value
 
 
-def select_output(state: Any, output: Any) -> Any:
-    """What the head and the loss see of a stage's output state (see ``output=``)."""
-    if output is None:
-        return state
-    if callable(output):
-        return output(state)
-    return state[output]
-
-
 class StageTrainer:
     """Stage m's blocks, head, loss, optimizer, scheduler, scaler, DDP wrapper and counters."""
 
@@ -59,7 +51,6 @@ class StageTrainer:
         self,
         stage: Stage,
         head: nn.Module,
-        has_head: bool,
         loss: LossFn,
         *,
         output: Any,
@@ -72,7 +63,7 @@ class StageTrainer:
         max_inversion_error: float | None,
         first_block: int,
     ) -> None:
-        self.stage, self.head, self.has_head = stage, head, has_head
+        self.stage, self.head = stage, head  # a stage without a head has nn.Identity
         self.index = stage.index
         self.unit = StageUnit(stage, head, output)
         self.runner: nn.Module = self.unit  # replaced by a DDP wrapper under data parallelism
@@ -94,12 +85,12 @@ class StageTrainer:
         self.inversion_errors: list[float] = []
         # A nonfinite micro-step poisons its whole accumulation window: nothing of it is applied.
         self.window_bad = False
-        self._inverted: InvertedStage | None = None
 
     # ------------------------------------------------------------------ basics
 
     @property
     def device(self) -> torch.device:
+        """The device of the stage's parameters."""
         return self.stage.device
 
     def parameters(self) -> list[nn.Parameter]:
@@ -110,6 +101,7 @@ class StageTrainer:
         return [p for p in params if p.requires_grad]
 
     def autocast(self) -> contextlib.AbstractContextManager:
+        """The autocast context of ``precision`` on the stage's device (a no-op for fp32)."""
         if self.precision == "fp32":
             return contextlib.nullcontext()
         dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
@@ -130,6 +122,10 @@ class StageTrainer:
             self.unit,
             device_ids=[self.device.index] if self.device.type == "cuda" else None,
             process_group=self.group,
+            # A buffer broadcast would be a collective in the caller's forward, racing the
+            # workers' all-reduces on other communicators (see greedywrap.distributed). Buffers
+            # are still synced once, when DDP is built.
+            forward_sync_buffers=False,
         )
 
     def close(self) -> None:
@@ -142,12 +138,16 @@ class StageTrainer:
     # ------------------------------------------------------------------ forward / update
 
     def compute_loss(self, pred: Any, target: Any) -> torch.Tensor:
+        """The stage's loss of ``pred`` against ``target``; ValueError naming the stage and the
+        shapes if the loss raises or does not return a scalar (out of memory passes through)."""
         try:
             loss = self.loss_fn(pred, target)
+        except torch.OutOfMemoryError:
+            raise  # not a usage error: out of memory must stay what it is
         except (RuntimeError, ValueError, TypeError) as err:
             raise ValueError(
-                f"loss: stage {self.index} could not compare its output of shape "
-                f"{_shape(pred)} with the target of shape {_shape(target)}: {err}"
+                f"loss: stage {self.index} raised {type(err).__name__} comparing its output "
+                f"of shape {_shape(pred)} with the target of shape {_shape(target)}: {err}"
             ) from err
         if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
             got = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
@@ -159,28 +159,31 @@ class StageTrainer:
 
     def forward(
         self, inp: Any, target: Any, args: tuple, kwargs: dict, sync: bool
-    ) -> tuple[Any, torch.Tensor]:
-        """Forward on a detached input; returns ``(output state, loss)`` with the graph alive."""
+    ) -> tuple[Any, torch.Tensor, InvertedStage | None]:
+        """Forward on a detached input.
+
+        Returns ``(output state, loss, inverted)`` with the graph alive; ``inverted`` is the
+        invertible stage's context (else ``None``), to hand to ``update`` with the loss, so
+        nothing of one step is kept on the stage for another thread to read.
+        """
         if self.invertible:
             ctx = InvertedStage.forward(
                 self.stage.blocks, inp, args, kwargs, self.inversion_checkpoints, self.autocast
             )
-            self._inverted = ctx
             with self.autocast():
                 pred = self.head(select_output(ctx.output, self.output))
-                return ctx.output, self.compute_loss(pred, target)
+                return ctx.output, self.compute_loss(pred, target), ctx
         # Under DDP, micro-steps that do not update skip the gradient all-reduce.
         no_sync = getattr(self.runner, "no_sync", None)
         quiet = no_sync() if (no_sync is not None and not sync) else contextlib.nullcontext()
         with quiet, self.autocast():
             out, pred = self.runner(inp, *args, **kwargs)
             loss = self.compute_loss(pred, target)
-        return out, loss
+        return out, loss, None
 
     def prediction(self, out: Any) -> Any:
         """What inference returns for this stage's output: the selection, through the head."""
-        pred = select_output(out, self.output)
-        return self.head(pred) if self.has_head else pred
+        return self.head(select_output(out, self.output))
 
     def _agreed_nonfinite(self, loss: torch.Tensor) -> tuple[bool, float]:
         """Whether this stage's loss is nonfinite on any rank (one all-reduce under DDP)."""
@@ -193,37 +196,52 @@ class StageTrainer:
             bad = bool(flag.item() > 0)
         return bad, value
 
-    def update(self, loss: torch.Tensor, sync: bool, step: int) -> None:
+    def update(
+        self,
+        loss: torch.Tensor,
+        sync: bool,
+        step: int,
+        inverted: InvertedStage | None = None,
+    ) -> None:
         """Backward of the loss; on update steps also clipping, optimizer and scheduler.
 
         ``step`` is the ``train_step`` call this loss belongs to (captured when the update was
-        submitted, so errors name it even when the update runs later on a worker). Whatever
-        fails, no partial gradient is left behind for the next update to add in.
+        submitted, so errors name it even when the update runs later on a worker), ``inverted``
+        what ``forward`` returned with it. Whatever fails, no partial gradient is left behind
+        and the rest of the accumulation window is dropped.
         """
         opt = self.optimizer
         if opt is None or not loss.requires_grad:
             return
         try:
-            self._update(opt, loss, sync, step)
+            self._update(opt, loss, sync, step, inverted)
         except BaseException:
             opt.zero_grad(set_to_none=True)
-            self._inverted = None
+            # The window lost this micro-step's gradient: none of it may be applied.
+            self.window_bad = not sync
             raise
 
+    def _discard(self, opt: torch.optim.Optimizer, loss: torch.Tensor, sync: bool) -> None:
+        """Apply nothing of this micro-step (and of its window)."""
+        if self.runner is not self.unit and sync:
+            # DDP expects the backward its synced forward prepared, on every rank; the
+            # gradients it reduces are thrown away just below.
+            loss.backward(torch.zeros_like(loss))
+        opt.zero_grad(set_to_none=True)
+
     def _update(
-        self, opt: torch.optim.Optimizer, loss: torch.Tensor, sync: bool, step: int
+        self,
+        opt: torch.optim.Optimizer,
+        loss: torch.Tensor,
+        sync: bool,
+        step: int,
+        inverted: InvertedStage | None,
     ) -> None:
         if self.nonfinite is not None:
             bad, value = self._agreed_nonfinite(loss)
             if bad:
-                if self.runner is not self.unit and sync:
-                    # DDP expects the backward its synced forward prepared, on every rank; the
-                    # gradients it reduces are thrown away just below.
-                    loss.backward(torch.zeros_like(loss))
-                opt.zero_grad(set_to_none=True)
-                self._inverted = None
+                self._discard(opt, loss, sync)
                 if self.nonfinite == "raise":
-                    self.window_bad = False
                     detail = "" if not math.isfinite(value) else "another rank's was not finite"
                     raise NonFiniteLossError(self.index, step, value, detail)
                 if not self.window_bad:
@@ -232,10 +250,7 @@ class StageTrainer:
                 return
             if self.window_bad:
                 # An earlier micro-step of this window was skipped: the window is not applied.
-                if self.runner is not self.unit and sync:
-                    loss.backward(torch.zeros_like(loss))
-                opt.zero_grad(set_to_none=True)
-                self._inverted = None
+                self._discard(opt, loss, sync)
                 self.window_bad = not sync
                 return
         scaler = self.scaler
@@ -245,8 +260,8 @@ class StageTrainer:
             scaler.scale(loss).backward()
         else:
             loss.backward()
-        if self.invertible:
-            self._inverted_backward(opt)
+        if inverted is not None:
+            self._inverted_backward(inverted)
         if not sync:
             return
         if self.clip_grad_norm is not None:
@@ -262,13 +277,11 @@ class StageTrainer:
         if self.scheduler is not None:
             self.scheduler.step()
 
-    def _inverted_backward(self, opt: torch.optim.Optimizer) -> None:
-        ctx, self._inverted = self._inverted, None
+    def _inverted_backward(self, ctx: InvertedStage) -> None:
         errors = ctx.backward(ctx.output.grad, self.autocast)
         self.inversion_errors = errors
         bad = InvertedStage.first_violation(errors, self.max_inversion_error)
         if bad is not None:
-            opt.zero_grad(set_to_none=True)
             raise InversionError(
                 self.index, self.first_block + bad[0], bad[1], self.max_inversion_error
             )
@@ -289,7 +302,8 @@ class StageTrainer:
             "grads": grads,
         }
 
-    def load_state(self, state: dict[str, Any]) -> None:
+    def check_state(self, state: dict[str, Any]) -> None:
+        """Raise ValueError if ``state`` cannot be loaded into this stage (nothing is changed)."""
         for kind in ("optimizer", "scheduler", "scaler"):
             obj, sd = getattr(self, kind), state.get(kind)
             if (obj is None) != (sd is None):
@@ -298,17 +312,32 @@ class StageTrainer:
                     f"{'missing' if sd is None else 'present'} in the checkpoint but the "
                     f"wrapper {'has' if obj is not None else 'has no'} {kind}"
                 )
+        opt, sd = self.optimizer, state.get("optimizer")
+        if opt is not None and sd is not None:
+            saved = [len(g["params"]) for g in sd.get("param_groups", [])]
+            have = [len(g["params"]) for g in opt.param_groups]
+            if saved != have:
+                raise ValueError(
+                    f"state_dict: stage {self.index} optimizer was saved with parameter groups "
+                    f"of sizes {saved}, but this stage's optimizer has {have}"
+                )
+        grads, n = state.get("grads"), len(self.parameters())
+        if grads is not None and len(grads) != n:
+            raise ValueError(
+                f"state_dict: stage {self.index} saved {len(grads)} gradients for {n} parameters"
+            )
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        """Load what ``state`` returned (call ``check_state`` on every stage first)."""
+        self.check_state(state)
+        for kind in ("optimizer", "scheduler", "scaler"):
+            obj = getattr(self, kind)
             if obj is not None:
-                obj.load_state_dict(sd)
+                obj.load_state_dict(state[kind])
         self.skipped_updates = int(state.get("skipped_updates", 0))
         self.window_bad = bool(state.get("window_bad", False))
         params = self.parameters()
         grads = state.get("grads")
-        if grads is not None and len(grads) != len(params):
-            raise ValueError(
-                f"state_dict: stage {self.index} saved {len(grads)} gradients for "
-                f"{len(params)} parameters"
-            )
         for p, g in zip(params, grads or [None] * len(params), strict=True):
             p.grad = None if g is None else g.to(device=p.device, dtype=p.dtype)
 
@@ -332,3 +361,39 @@ def _shape(obj: Any) -> Any:
     if isinstance(obj, dict):
         return {k: _shape(v) for k, v in obj.items()}
     return type(obj).__name__
+
+
+def build_trainers(
+    stages: Sequence[Stage],
+    heads: Sequence[nn.Module],
+    losses: Sequence[LossFn],
+    *,
+    optimizer: Any,
+    optimizer_kwargs: dict[str, Any] | None,
+    scheduler: Any,
+    distributed: bool,
+    precision: str,
+    **options: Any,
+) -> list[StageTrainer]:
+    """One ``StageTrainer`` per stage, with its optimizer, scheduler, scaler and DDP wrapper.
+
+    ``options`` are the per-stage settings of ``StageTrainer`` (``output``,
+    ``grad_accumulation``, ``clip_grad_norm``, ``nonfinite``, ``invertible``, ...). Under data
+    parallelism this is a collective: every rank creates the stages' groups in stage order.
+    """
+    trainers = [
+        StageTrainer(
+            stage, head, loss, precision=precision, first_block=stage.first_block, **options
+        )
+        for stage, head, loss in zip(stages, heads, losses, strict=True)
+    ]
+    optimizers = build_optimizers(optimizer, optimizer_kwargs, [t.parameters() for t in trainers])
+    schedulers = build_schedulers(scheduler, optimizers)
+    for t, opt, sched in zip(trainers, optimizers, schedulers, strict=True):
+        t.optimizer, t.scheduler = opt, sched
+        if precision == "fp16" and opt is not None:
+            t.scaler = torch.amp.GradScaler("cuda")
+    if distributed:
+        for t in trainers:
+            t.attach_ddp()
+    return trainers

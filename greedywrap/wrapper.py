@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
@@ -12,8 +13,6 @@ from torch import nn
 from greedywrap import distributed as _dist
 from greedywrap import engines
 from greedywrap.options import (
-    build_optimizers,
-    build_schedulers,
     check_options,
     move_args,
     per_stage,
@@ -29,7 +28,7 @@ from greedywrap.stages import (
     normalize_device,
     read_blocks,
 )
-from greedywrap.trainer import NonFiniteLossError, StageTrainer
+from greedywrap.trainer import LossFn, NonFiniteLossError, build_trainers
 
 __all__ = ["GreedyWrapper", "NonFiniteLossError", "default_loss"]
 
@@ -55,7 +54,6 @@ def default_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return nn.functional.mse_loss(pred, target).clone()
 
 
-LossFn = Callable[[Any, Any], torch.Tensor]
 OptimizerSpec = type[torch.optim.Optimizer] | Callable[..., torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
 
@@ -271,28 +269,13 @@ class GreedyWrapper(nn.Module):
             raise ValueError("invertible: MEL is not supported with distributed data parallelism")
 
         # Everything a stage trains with lives in its StageTrainer; the engine drives those.
-        self._trainers = [
-            StageTrainer(
-                self.stages[m], self.heads[m], head_list[m] is not None, loss_list[m],
-                output=output, precision=precision, grad_accumulation=grad_accumulation,
-                clip_grad_norm=clip_grad_norm, nonfinite=nonfinite, invertible=invertible,
-                inversion_checkpoints=inversion_checkpoints,
-                max_inversion_error=max_inversion_error, first_block=firsts[m],
-            )
-            for m in range(num_stages)
-        ]  # fmt: skip
-        optimizers = build_optimizers(
-            optimizer, optimizer_kwargs, [t.parameters() for t in self._trainers]
-        )
-        schedulers = build_schedulers(scheduler, optimizers)
-        for t, opt, sched in zip(self._trainers, optimizers, schedulers, strict=True):
-            t.optimizer, t.scheduler = opt, sched
-            if precision == "fp16" and opt is not None:
-                t.scaler = torch.amp.GradScaler("cuda")
-        if self.distributed:
-            # Group creation is a collective: every rank does it in stage order.
-            for t in self._trainers:
-                t.attach_ddp()
+        self._trainers = build_trainers(
+            self.stages, self.heads, loss_list, optimizer=optimizer,
+            optimizer_kwargs=optimizer_kwargs, scheduler=scheduler, distributed=self.distributed,
+            output=output, precision=precision, grad_accumulation=grad_accumulation,
+            clip_grad_norm=clip_grad_norm, nonfinite=nonfinite, invertible=invertible,
+            inversion_checkpoints=inversion_checkpoints, max_inversion_error=max_inversion_error,
+        )  # fmt: skip
 
         self.grad_accumulation = grad_accumulation
         self.devices = device_list
@@ -332,16 +315,19 @@ class GreedyWrapper(nn.Module):
     @property
     def optimizers(self) -> list[torch.optim.Optimizer | None]:
         """Each stage's optimizer (``None`` for a stage with nothing to train)."""
+        self.synchronize()  # workers change it; a read sees every pending update
         return [t.optimizer for t in self._trainers]
 
     @property
     def schedulers(self) -> list[Any]:
         """Each stage's LR scheduler or ``None``."""
+        self.synchronize()  # workers change it; a read sees every pending update
         return [t.scheduler for t in self._trainers]
 
     @property
     def scalers(self) -> list[torch.amp.GradScaler | None]:
         """Each stage's GradScaler (``precision="fp16"``) or ``None``."""
+        self.synchronize()  # workers change it; a read sees every pending update
         return [t.scaler for t in self._trainers]
 
     @property
@@ -356,11 +342,13 @@ class GreedyWrapper(nn.Module):
         With ``grad_accumulation > 1`` a nonfinite micro-step skips its whole window, counted
         once. Saved by ``state_dict()``.
         """
+        self.synchronize()  # workers change it; a read sees every pending update
         return [t.skipped_updates for t in self._trainers]
 
     @property
     def inversion_errors(self) -> list[list[float]]:
         """Per stage, each block's relative inversion error in the last step (MEL)."""
+        self.synchronize()  # workers change it; a read sees every pending update
         return [list(t.inversion_errors) for t in self._trainers]
 
     # ------------------------------------------------------------------ training
@@ -400,13 +388,13 @@ class GreedyWrapper(nn.Module):
             )
         if self._closed:
             raise RuntimeError("train_step: the wrapper was closed; build a new one to train")
-        sync = (self.step_count + 1) % self.grad_accumulation == 0
-        self.step_count += 1
-        return self._engine.step(x0, target, block_args, block_kwargs, sync, self.step_count)
-
-    def move_args(self, device: torch.device, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        """Move block arguments to ``device`` (tensors and objects with ``.to``)."""
-        return move_args(device, args, kwargs)
+        step = self.step_count + 1
+        sync = step % self.grad_accumulation == 0
+        losses = self._engine.step(x0, target, block_args, block_kwargs, sync, step)
+        # Counted only once every stage has run its part, so a step that fails (bad shapes,
+        # an earlier update's error, Ctrl-C) does not shift accumulation windows and numbers.
+        self.step_count = step
+        return losses
 
     # ------------------------------------------------------------------ inference
 
@@ -499,17 +487,23 @@ class GreedyWrapper(nn.Module):
             )
         self.synchronize()
         n = self.num_stages
-        for m, t in enumerate(self._trainers):
-            t.load_state(
-                {
-                    "optimizer": state["optimizers"][m],
-                    "scheduler": state["schedulers"][m],
-                    "scaler": state["scalers"][m],
-                    "skipped_updates": state.get("skipped_updates", [0] * n)[m],
-                    "window_bad": state.get("window_bad", [False] * n)[m],
-                    "grads": state.get("grads", [None] * n)[m],
-                }
-            )
+        per_stage_states = [
+            {
+                "optimizer": state["optimizers"][m],
+                "scheduler": state["schedulers"][m],
+                "scaler": state["scalers"][m],
+                "skipped_updates": state.get("skipped_updates", [0] * n)[m],
+                "window_bad": state.get("window_bad", [False] * n)[m],
+                "grads": state.get("grads", [None] * n)[m],
+            }
+            for m in range(n)
+        ]
+        # Every stage is checked before any is loaded: a mismatch at stage k must not leave
+        # stages 0..k-1 loaded and the rest not.
+        for t, st in zip(self._trainers, per_stage_states, strict=True):
+            t.check_state(st)
+        for t, st in zip(self._trainers, per_stage_states, strict=True):
+            t.load_state(st)
         self.step_count = int(state["step_count"])
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
@@ -583,6 +577,8 @@ class GreedyWrapper(nn.Module):
         # owns placement. Dtype changes and moves of a single-device wrapper are allowed.
         if "_engine" in self.__dict__:
             self.synchronize()
+            if self._explicit_devices or self.distributed:
+                self._refuse_moves(fn)
         params = list(super().parameters())
         before = [p.device for p in params]
         result = super()._apply(fn, recurse)
@@ -606,6 +602,18 @@ class GreedyWrapper(nn.Module):
                 t.convert_optimizer_state()
         return result
 
+    def _refuse_moves(self, fn: Callable) -> None:
+        # Probed on an empty tensor per device *before* anything is converted, so a refused
+        # move leaves parameters and optimizer state as they were.
+        for device in dict.fromkeys(self.devices):
+            probe = fn(torch.empty(0, device=device))
+            if isinstance(probe, torch.Tensor) and probe.device != device:
+                raise RuntimeError(
+                    "GreedyWrapper owns device placement: it was built with "
+                    f"devices={[str(d) for d in self.devices]}; build a new wrapper with other "
+                    f"devices instead of moving it by hand (to {probe.device})"
+                )
+
     def synchronize(self) -> None:
         """Wait until every stage's pending update has finished (P-GLEAM).
 
@@ -615,7 +623,9 @@ class GreedyWrapper(nn.Module):
         ``load_state_dict``, ``parameters``, ``to``, ``copy.deepcopy``) calls it first.
 
         Raises:
-            StageError: a stage's backward or update failed on its worker.
+            NonFiniteLossError: a stage's loss was not finite (``nonfinite="raise"``).
+            InversionError: an invertible stage's reconstruction error was too large.
+            StageError: any other failure of a stage's backward or update on its worker.
         """
         self._engine.synchronize()
 
@@ -627,11 +637,24 @@ class GreedyWrapper(nn.Module):
         try:
             self._engine.close()
         finally:
+            running = set(self._engine.still_running())
             for t in self._trainers:
+                if t.index in running and t.group is not None:
+                    # Its worker may be inside a collective on this group: destroying the group
+                    # under it could crash the process, so it is left to the interpreter's exit.
+                    warnings.warn(
+                        f"close: stage {t.index}'s update is still running after the timeout; "
+                        "its DDP wrapper and process group are kept",
+                        RuntimeWarning,
+                        stacklevel=2,
+                    )
+                    continue
                 t.close()
 
     def __enter__(self) -> GreedyWrapper:
+        """``with GreedyWrapper(...) as gw:`` closes the wrapper when the block ends."""
         return self
 
     def __exit__(self, *exc: Any) -> None:
+        """Close the wrapper (see [`close`][greedywrap.GreedyWrapper.close])."""
         self.close()

@@ -110,3 +110,29 @@ def test_close_releases_each_stage_ddp_and_destroys_its_group(tmp_path):
             gw.train_step(torch.randn(4, 8), torch.randn(4, 8), 0.5)
     finally:
         dist.destroy_process_group()
+
+
+def test_the_callers_forward_issues_no_buffer_collective(tmp_path, monkeypatch):
+    # Under NCCL a collective in the caller's forward could interleave with a worker's
+    # all-reduce in a rank-dependent order; every collective of a stage belongs on its worker.
+    import torch.distributed as dist
+    from torch import nn
+
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
+    )
+    try:
+        blocks = [nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8)) for _ in range(2)]
+        gw = GreedyWrapper(blocks, splits=2, devices=["cpu", "cpu"], distributed=True)
+        synced = []
+        for t in gw._trainers:
+            original = t.runner._sync_buffers
+            monkeypatch.setattr(
+                t.runner, "_sync_buffers", lambda o=original: (synced.append(1), o())[1]
+            )
+        gw.train_step(torch.randn(4, 8), torch.randn(4, 8))
+        gw.synchronize()
+        assert synced == []
+        gw.close()
+    finally:
+        dist.destroy_process_group()

@@ -97,11 +97,30 @@ def test_default_loss_refuses_shapes_that_only_broadcast_like_mismatched_ones():
     gw = GreedyWrapper([nn.Identity()])
     x = torch.randn(4, 16, 16)
     for bad in (torch.randn(4, 1, 16, 16), torch.randn(4, 16, 15)):
-        with pytest.raises(ValueError, match=r"loss: stage 0 could not compare its output of shape "
-                           r"\(4, 16, 16\) with the target of shape"):  # fmt: skip
+        with pytest.raises(ValueError, match=r"loss: stage 0 raised ValueError comparing its "
+                           r"output of shape \(4, 16, 16\) with the target of shape"):  # fmt: skip
             gw.train_step(x, bad)
 
 
 def test_output_selector_of_the_wrong_kind_is_refused():
     with pytest.raises(TypeError, match="output: got 1.5"):
         GreedyWrapper([nn.Identity()], output=1.5)
+
+
+def test_to_device_keeps_namedtuples_and_dict_subclasses_and_moves_their_tensors() -> None:
+    import collections
+
+    from greedywrap.options import to_device
+
+    Pair = collections.namedtuple("Pair", "a b")
+    meta = torch.device("meta")
+    moved = to_device(Pair(torch.zeros(2), [torch.ones(1)]), meta, "x")
+    assert type(moved) is Pair and moved.a.device == meta and moved.b[0].device == meta
+    od = collections.OrderedDict(b=torch.zeros(1), a=torch.zeros(1))
+    out = to_device(od, meta, "x")
+    assert type(out) is collections.OrderedDict and list(out) == ["b", "a"]
+    assert all(v.device == meta for v in out.values())
+    dd = collections.defaultdict(list, k=torch.zeros(1))
+    out = to_device(dd, meta, "x")
+    assert type(out) is collections.defaultdict and out.default_factory is list
+    assert out["k"].device == meta
