@@ -22,7 +22,7 @@ __all__ = [
     "ResidualCNN",
     "PlainCNN",
     "InvertibleResidualCNN",
-    "InversionError",
+    "FixedPointError",
     "PGDBlock",
     "MoDLBlock",
     "UnrolledPGD",
@@ -271,7 +271,7 @@ class _SpectralConv(nn.Module):
         return _apply_conv(x, self.conv.weight * scale, self.padding_mode)
 
 
-class InversionError(RuntimeError):
+class FixedPointError(ArithmeticError):
     """The fixed-point iteration of an invertible block did not converge."""
 
 
@@ -286,7 +286,7 @@ class InvertibleResidualCNN(nn.Module):
     `inverse` finds ``x`` from ``y`` by the fixed-point iteration ``x <- y - f(x)``.
     The official code runs five such iterations unchecked on an unconstrained network; here
     the iteration runs until the update is below ``inverse_tol`` and raises
-    [`InversionError`][mri.models.InversionError] if it has not converged after
+    [`FixedPointError`][mri.models.FixedPointError] if it has not converged after
     ``inverse_iters`` iterations. ``last_inverse`` records the iterations used and the final
     relative update.
 
@@ -345,7 +345,7 @@ class InvertibleResidualCNN(nn.Module):
         """The ``x`` with ``x + f(x) = y``, by fixed-point iteration checked for convergence.
 
         Raises:
-            InversionError: If the update is still above ``inverse_tol * |y|`` after
+            FixedPointError: If the update is still above ``inverse_tol * |y|`` after
                 ``inverse_iters`` iterations (or is not finite).
         """
         x = y
@@ -359,7 +359,7 @@ class InvertibleResidualCNN(nn.Module):
                 self.last_inverse = {"iterations": it, "relative_update": update}
                 return x
         self.last_inverse = {"iterations": self.inverse_iters, "relative_update": update}
-        raise InversionError(
+        raise FixedPointError(
             f"InvertibleResidualCNN.inverse: the fixed-point iteration x <- y - f(x) did not "
             f"converge: relative update {update:.3g} after {self.inverse_iters} iterations "
             f"(inverse_tol={self.inverse_tol}); raise inverse_iters or lower lipschitz"

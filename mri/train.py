@@ -32,7 +32,7 @@ import yaml
 from torch import nn
 from tqdm.auto import tqdm
 
-from greedywrap import GreedyWrapper, InversionError, NonFiniteLossError, StageError
+from greedywrap import GreedyWrapper, NonFiniteLossError
 from mri import metrics
 from mri.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from mri.config import Config, ConfigError, config_from_dict, config_to_dict
@@ -378,15 +378,12 @@ def _run(cfg, gw, out, train_loader, val_loader, state, changes, resume, progres
                     # P-GLEAM failures surface at the next wait; make it happen here, where they
                     # are translated, rather than inside validation or checkpointing.
                     gw.synchronize()
-            except (NonFiniteLossError, StageError) as err:
-                cause = err if isinstance(err, NonFiniteLossError) else err.__cause__
-                if isinstance(cause, NonFiniteLossError):
-                    good = last_path if last_path.exists() else "none written yet"
-                    detail = f"training stopped; last good checkpoint: {good}"
-                    raise NonFiniteLossError(cause.stage, cause.step, cause.value, detail) from err
-                if isinstance(cause, InversionError):
-                    raise cause from err
-                raise
+            except NonFiniteLossError as err:
+                # The library raises it with its own type from either engine; add where to
+                # restart from.
+                good = last_path if last_path.exists() else "none written yet"
+                detail = f"training stopped; last good checkpoint: {good}"
+                raise NonFiniteLossError(err.stage, err.step, err.value, detail) from err
             step += 1
             if step % t.log_every == 0 or step == end:
                 values = [float(v) for v in losses]

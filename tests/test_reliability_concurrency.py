@@ -20,7 +20,7 @@ from torch import nn
 
 from greedywrap import GreedyWrapper, NonFiniteLossError
 
-from toys import assert_bitwise_equal, make_blocks, make_data, params_of
+from toys import NanOnCalls, assert_bitwise_equal, make_blocks, make_data, params_of
 
 ROOT = Path(__file__).parent.parent
 
@@ -217,23 +217,10 @@ def test_exit_with_a_hung_worker_does_not_wait_timeout_per_stage():
     assert time.monotonic() - done_at < 30
 
 
-class _NanOnCall(nn.Module):
-    def __init__(self, bad: set[int]) -> None:
-        super().__init__()
-        self.fc = nn.Linear(8, 8)
-        self.calls = 0
-        self.bad = bad
-
-    def forward(self, x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
-        self.calls += 1
-        y = self.fc(x)
-        return y * float("nan") if self.calls in self.bad else y
-
-
 def test_async_nonfinite_error_names_the_step_of_the_nan_not_a_later_one():
     # Stage 0 and stage 2 share worker 0 and stage 0's backward is slow: stage 2's update of
     # step 1 runs after the caller has started step 2.
-    blocks = [_SlowUpdate(0.3), *make_blocks(1), _NanOnCall({1})]
+    blocks = [_SlowUpdate(0.3), *make_blocks(1), NanOnCalls({1})]
     gw = GreedyWrapper(blocks, splits=3, devices=["cpu", "cpu"], nonfinite="raise")
     gw.train_step(*make_data())
     with pytest.raises(NonFiniteLossError) as info:

@@ -10,7 +10,7 @@ from torch import nn
 
 from greedywrap import GreedyWrapper, StageError, track_memory
 
-from toys import assert_bitwise_equal, make_blocks, make_data, params_of
+from toys import NanOnCalls, assert_bitwise_equal, make_blocks, make_data, params_of
 
 
 def _linear_blocks(n: int, width: int) -> list[nn.Module]:
@@ -33,24 +33,10 @@ def test_returned_losses_hold_one_number_and_no_stage_keeps_a_loss_buffer():
     assert peaks[8] < peaks[1] - 4 * activation
 
 
-class _NanOn(nn.Module):
-    def __init__(self, bad: set[int]) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.fc = nn.Linear(8, 8)
-        self.calls = 0
-        self.bad = bad
-
-    def forward(self, x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
-        self.calls += 1
-        y = self.fc(x)
-        return y * float("nan") if self.calls in self.bad else y
-
-
 @pytest.mark.parametrize("bad_call", [1, 2])
 def test_a_nonfinite_micro_step_skips_its_whole_accumulation_window(bad_call):
     x0, t = make_data(batch=8, seed=2)
-    block = _NanOn({bad_call})
+    block = NanOnCalls({bad_call})
     gw = GreedyWrapper([block], optimizer=torch.optim.SGD, grad_accumulation=2, nonfinite="skip")
     before = params_of([block])
     gw.train_step(x0[:4], t[:4])
@@ -96,10 +82,10 @@ def test_resume_in_the_middle_of_an_accumulation_window_is_exact():
 
 
 def test_skipped_updates_survive_a_state_dict_roundtrip():
-    gw = GreedyWrapper([*make_blocks(1), _NanOn({2})], splits=2, nonfinite="skip")
+    gw = GreedyWrapper([*make_blocks(1), NanOnCalls({2})], splits=2, nonfinite="skip")
     for _ in range(3):
         gw.train_step(*make_data(), 0.5)
-    other = GreedyWrapper([*make_blocks(1), _NanOn(set())], splits=2, nonfinite="skip")
+    other = GreedyWrapper([*make_blocks(1), NanOnCalls(set())], splits=2, nonfinite="skip")
     other.load_state_dict(_roundtrip(gw))
     assert other.skipped_updates == gw.skipped_updates == [0, 1]
 

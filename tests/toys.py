@@ -36,3 +36,20 @@ def assert_bitwise_equal(a: list[torch.Tensor], b: list[torch.Tensor]) -> None:
     assert len(a) == len(b)
     for i, (x, y) in enumerate(zip(a, b, strict=True)):
         assert torch.equal(x, y), f"tensor {i} differs: max |diff| {float((x - y).abs().max())}"
+
+
+class NanOnCalls(nn.Module):
+    """A linear block whose output turns NaN on the calls numbered in ``bad`` (1-based)."""
+
+    def __init__(self, bad: set[int], width: int = 8, seed: int = 0) -> None:
+        super().__init__()
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            self.fc = nn.Linear(width, width)
+        self.calls = 0
+        self.bad = bad
+
+    def forward(self, x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+        self.calls += 1
+        y = self.fc(x)
+        return y * float("nan") if self.calls in self.bad else y

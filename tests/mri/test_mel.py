@@ -11,7 +11,7 @@ from greedywrap import GreedyWrapper
 from mri import ConjugateGradientDC, Measurement, SenseOp
 from mri.coils import birdcage_maps
 from mri.config import ConfigError, load_config
-from mri.models import InversionError, InvertibleResidualCNN, MoDL, complex_l1_loss
+from mri.models import FixedPointError, InvertibleResidualCNN, MoDL, complex_l1_loss
 from mri.train import train
 
 
@@ -98,7 +98,7 @@ def test_inverse_raises_when_the_fixed_point_has_not_converged():
     torch.manual_seed(0)
     net = InvertibleResidualCNN(features=8, num_layers=3, lipschitz=0.9, inverse_iters=1)
     y = net(torch.randn(1, 12, 12, dtype=torch.complex64))
-    with torch.no_grad(), pytest.raises(InversionError, match="did not converge.*1 iterations"):
+    with torch.no_grad(), pytest.raises(FixedPointError, match="did not converge.*1 iterations"):
         net.inverse(y)
     assert net.last_inverse["iterations"] == 1
     assert net.last_inverse["relative_update"] > net.inverse_tol
