@@ -238,6 +238,11 @@ class GreedyWrapper(nn.Module):
                 raise TypeError(
                     f"devices: got {devices!r}; expected a list of devices, e.g. [{devices!r}]"
                 )
+            if not isinstance(devices, (list, tuple)):
+                raise TypeError(
+                    f"devices: got {devices!r} of type {type(devices).__name__}; expected a "
+                    "list of devices (ints, 'cpu', 'cuda:i' or torch.device), e.g. [0, 1]"
+                )
             device_list = [normalize_device(d) for d in devices]
             stage_entry = assign_devices(device_list, num_stages, placement)
         if precision == "fp16" and any(device_list[e].type != "cuda" for e in stage_entry):

@@ -28,6 +28,8 @@ from toys import ResBlock, make_blocks, make_data
         ({"clip_grad_norm": -1.0}, ValueError, r"clip_grad_norm: got -1.0"),
         ({"devices": ["cpu", "cpu", "cpu"]}, ValueError, r"3 devices for 2 stages"),
         ({"devices": "cpu"}, TypeError, r"devices: got 'cpu'; expected a list"),
+        ({"devices": 1.5}, TypeError, r"devices: got 1.5 of type float; expected a list"),
+        ({"devices": {"cpu": 1}}, TypeError, r"devices: got \{'cpu': 1\} of type dict"),
         ({"devices": ["gpu7"]}, ValueError, r"devices: cannot parse 'gpu7'"),
         ({"devices": ["cuda:3"]}, ValueError, r"cuda:3 does not exist"),
         ({"devices": [0]}, ValueError, r"cuda:0 does not exist"),
