@@ -195,8 +195,14 @@ def _sync(device: torch.device) -> None:
 
 
 def state_bytes(gw: GreedyWrapper) -> int:
-    """Bytes of parameters and optimizer state: memory that outlives a step (not in the peak)."""
+    """Bytes of memory that outlives a step (not in the peak): parameters, optimizer state and
+    the tensors the modules keep between calls (buffers, and caches such as the invertible
+    denoiser's power-iteration vectors, one input-sized vector per convolution per block)."""
     total = sum(p.numel() * p.element_size() for p in gw.parameters())
+    for m in gw.modules():
+        held = list(m.buffers(recurse=False))
+        held += [v for v in vars(m).values() if isinstance(v, torch.Tensor)]
+        total += sum(t.numel() * t.element_size() for t in held)
     for opt in gw.optimizers:
         if opt is None:
             continue

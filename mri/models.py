@@ -186,6 +186,10 @@ def _apply_conv(x: Tensor, weight: Tensor, padding_mode: str) -> Tensor:
     return conv(nn.functional.pad(x, [half] * (2 * (weight.dim() - 2)), mode=padding_mode), weight)
 
 
+def _keep(t: Tensor) -> Tensor:
+    return t
+
+
 class _SpectralConv(nn.Module):
     """A bias-free convolution rescaled so that its operator norm is at most ``bound``.
 
@@ -248,7 +252,9 @@ class _SpectralConv(nn.Module):
         v = v / torch.linalg.vector_norm(v)
         previous = 0.0
         for _ in range(iters):
-            with torch.enable_grad():
+            # The adjoint's graph is private: under gradient checkpointing the caller's
+            # saved-tensor hooks would otherwise pack it and recompute the block early.
+            with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_keep, _keep):
                 v_in = v.detach().requires_grad_(True)
                 u = _apply_conv(v_in, w, self.padding_mode)
                 (wtw_v,) = torch.autograd.grad(u, v_in, u)
@@ -257,6 +263,18 @@ class _SpectralConv(nn.Module):
             if abs(sigma - previous) <= self.power_tol * sigma:
                 break
             previous = sigma
+        cached = self._vector
+        if cached is not None and (cached.shape, cached.device, cached.dtype) == (
+            v.shape,
+            v.device,
+            v.dtype,
+        ):
+            # Refresh in place: the cache is one input-sized vector per convolution of every
+            # block, as large as an activation. A new tensor each step would keep the old and
+            # the new alive together and, under MEL, made a step's peak grow with the number
+            # of blocks; the values are the same either way. (A forward's graph that saved
+            # the old vector and is backpropagated after the weight changed would raise.)
+            v = cached.copy_(v)
         self._vector, self._key = v, key
         return v
 
