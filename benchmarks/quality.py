@@ -5,8 +5,10 @@ On the built-in simulated 2D data and the small ``cpu-demo`` network, trained on
 iterations, over several seeds; (b) equal memory: GLEAM with a 3x deeper network, cut into the
 fewest stages whose measured training footprint fits end-to-end's; (c) zero-filled and
 compressed-sensing baselines on the same test slices; (d) PSNR after every unroll (early exit)
-for each trained model, with a count of how often it rises. Prints tables, writes a JSON file
-and ``depth_curves.png``.
+for each trained model, with a count of how often it rises; (f) the training curves: validation
+PSNR along training and its gain over the last quarter, to show the budget was long enough for
+the curves to flatten (the learning rate follows a cosine to 0). Prints tables, writes a JSON
+file, ``depth_curves.png`` and ``training_curves.png``.
 
     .venv/bin/python benchmarks/quality.py [--quick] [--seeds N] [--iterations N]
         [--json PATH] [--out DIR] [--threads N]
@@ -15,6 +17,7 @@ and ``depth_curves.png``.
 from __future__ import annotations
 
 import argparse
+import csv
 import dataclasses
 import datetime
 import gc
@@ -53,19 +56,20 @@ def machine() -> dict[str, Any]:
 
 def base_config(quick: bool, iterations: int | None) -> Config:
     """The demo network (or the tiny one for ``--quick``); validation four times per run."""
-    iters = iterations or (6 if quick else 250)
-    # Four validations are enough to keep the best model (as the paper does) without the
-    # validation passes costing a noticeable share of a short run.
+    iters = iterations or (6 if quick else 3000)
+    # Twelve validations draw the curve (f) and keep the best model (as the paper does) for
+    # a few percent of the run's time; the cosine schedule ends every run with small steps, so
+    # the last quarter shows whether the budget was long enough.
     overrides: dict[str, Any] = {
         "train.iterations": iters,
-        "train.val_every": max(1, iters // 4),
-        "train.log_every": max(1, iters // 4),
+        "train.val_every": max(1, iters // 12),
+        "train.log_every": max(1, iters // 60),
+        "train.lr_schedule": "cosine",
     }
     if quick:
         return load_config("cpu-tiny", overrides)
-    # The demo's 96x96 slices cost ~0.35 s per step on the loaded 2-core machine; 12 runs of
-    # them (one 3x deeper) do not fit ~15 minutes. 64x64 keeps the demo's network, mask and
-    # acceleration at less than half the cost per step.
+    # 64x64 keeps the demo's network, mask and acceleration at less than half the demo's cost
+    # per step (~0.05 s for N=4 on one core), so 12 runs of 3000 steps fit about an hour.
     return load_config("cpu-demo", {**overrides, "data.shape": [64, 64]})
 
 
@@ -108,8 +112,21 @@ def mel_section(cfg: Config, data: Path, out: Path, seeds: list[int], log) -> di
             "label": label, "method": method, "N": depth, "M": splits,
             **{k: summary([r[k] for r in runs]) for k in METRICS},
             "train_seconds": summary([r["train_seconds"] for r in runs]),
+            **curves(runs),
         }  # fmt: skip
     return rows
+
+
+def curves(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Validation curve (mean over seeds), its last quarter's gain per seed, seed 0's loss."""
+    steps = runs[0]["val_steps"]
+    return {
+        "val_steps": steps,
+        "val_psnr": [statistics.fmean(v) for v in zip(*(r["val_psnr"] for r in runs), strict=True)],
+        "val_psnr_per_seed": [r["val_psnr"] for r in runs],
+        "last_quarter_gain": summary([last_quarter_gain(steps, r["val_psnr"]) for r in runs]),
+        "loss_seed0": runs[0]["loss"],
+    }
 
 
 def footprint(cfg: Config, data: Path) -> int:
@@ -159,13 +176,81 @@ def run_one(cfg: Config, data: Path, out: Path, with_cs: bool) -> dict[str, Any]
     result = evaluate(gw, cfg if with_cs else eval_cfg, data, out, name="model",
                       progress=False, figures=False)  # fmt: skip
     gw.close()
+    history = json.loads((out / "history.json").read_text())
     return {
         "seed": cfg.train.seed,
         "train_seconds": seconds,
         **{k: result["model"][k] for k in METRICS},
         "depth_psnr": result["depth_psnr"],
+        "val_steps": [h["step"] for h in history],
+        "val_psnr": [h["val_psnr"] for h in history],
+        "loss": last_stage_loss(out / "log.csv"),
         "baselines": {k: result[k] for k in ("zero_filled", "cs") if k in result},
     }
+
+
+def last_stage_loss(path: Path) -> list[list[float]]:
+    """``[step, loss]`` rows of the last stage's training loss, from the run's ``log.csv``."""
+    rows = csv.DictReader(path.read_text().splitlines())
+    out = []
+    for row in rows:
+        stages = sorted(k for k in row if k.startswith("loss_stage"))
+        out.append([int(row["step"]), float(row[stages[-1]])])
+    return out
+
+
+def last_quarter_gain(steps: list[int], psnr: list[float]) -> float:
+    """Validation PSNR at the end minus at 3/4 of the run (the nearest validation before)."""
+    mark = steps[-1] * 3 / 4
+    before = [p for s, p in zip(steps, psnr, strict=True) if s <= mark]
+    return psnr[-1] - before[-1]
+
+
+def curve_rows(entries: dict[str, dict[str, Any]]) -> str:
+    """Validation PSNR at each quarter of training (mean over seeds) and the last quarter's gain."""
+    head = (f"| {'method':<24} | {'25%':>6} | {'50%':>6} | {'75%':>6} | {'100%':>6} "
+            f"| {'last quarter':>16} |")  # fmt: skip
+    lines = [head, "|" + "|".join("-" * len(c) for c in head.split("|")[1:-1]) + "|"]
+    for e in entries.values():
+        steps = e["val_steps"]
+        cells = []
+        for q in (0.25, 0.5, 0.75, 1.0):
+            i = max(j for j, s in enumerate(steps) if s <= steps[-1] * q)
+            cells.append(f"{e['val_psnr'][i]:.2f}")
+        gains = e["last_quarter_gain"]
+        gain = f"{gains['mean']:+.2f} ± {gains['std']:.2f}"
+        lines.append(f"| {e['label']:<24} | " + " | ".join(f"{c:>6}" for c in cells)
+                     + f" | {gain:>16} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def plot_training(entries: dict[str, dict[str, Any]], path: Path) -> Path:
+    """Validation PSNR and the last stage's training loss against step, seed 0 of each method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9.6, 3.4))
+    for e in entries.values():
+        left.plot(e["val_steps"], e["val_psnr"], marker="o", ms=3, label=e["label"])
+        loss = e["loss_seed0"]
+        width = max(1, len(loss) // 20)  # a running mean over ~5% of the run
+        smooth = [statistics.fmean(v for _, v in loss[max(0, i - width + 1) : i + 1])
+                  for i in range(len(loss))]  # fmt: skip
+        right.plot([s for s, _ in loss], smooth, label=e["label"])
+    left.set_xlabel("training step")
+    left.set_ylabel("validation PSNR (dB), mean over seeds")
+    right.set_xlabel("training step")
+    right.set_ylabel("last stage's L1 loss, seed 0 (running mean)")
+    right.set_yscale("log")
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+    left.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def summary(values: list[float]) -> dict[str, float]:
@@ -240,6 +325,9 @@ def main(argv: list[str] | None = None) -> int:
             "invertible (Lipschitz-bounded), the others plain")  # fmt: skip
         mel_rows = mel_section(cfg, data, out, mel_seeds, log)
         log(table(list(mel_rows.values())))
+        log("\n## (f) validation PSNR (dB) along training; gain over the last quarter")
+        log(curve_rows(mel_rows))
+        plot_training(mel_rows, out / "training_curves_mel.png")
         log(f"wall time {time.perf_counter() - wall:.0f} s")
         if args.json:
             Path(args.json).write_text(
@@ -277,6 +365,7 @@ def main(argv: list[str] | None = None) -> int:
             "depth_increases": increases(curve),
             "depth_increases_per_seed": [increases(r["depth_psnr"]) for r in runs],
             "stage_end_increases": increases(stage_end_curve(curve, splits)),
+            **curves(runs),
         }  # fmt: skip
 
     base_rows = [
@@ -313,12 +402,18 @@ def main(argv: list[str] | None = None) -> int:
         "invertible (Lipschitz-bounded), the others plain")  # fmt: skip
     mel_rows = mel_section(cfg, data, out, mel_seeds, log)
     log(table(list(mel_rows.values())))
+    log(
+        "\n## (f) validation PSNR (dB) along training, mean over seeds; gain over the last "
+        "quarter (mean ± std over seeds)"
+    )
+    log(curve_rows({**methods, **mel_rows}))
+    curves_figure = plot_training({**methods, **mel_rows}, out / "training_curves.png")
     figure = plot_depth(
         {methods[k]["label"]: methods[k]["depth_psnr"] for k in ("e2e", "gleam", "gleam_deep")},
         out / "depth_curves.png",
     )
     seconds = time.perf_counter() - wall
-    log(f"\nwrote {figure}; wall time {seconds:.0f} s")
+    log(f"\nwrote {figure} and {curves_figure}; wall time {seconds:.0f} s")
 
     if args.json:
         result = {
@@ -337,6 +432,7 @@ def main(argv: list[str] | None = None) -> int:
             "mel": mel_rows,
             "baselines": baselines,
             "figure": str(figure),
+            "training_figure": str(curves_figure),
             "wall_seconds": seconds,
         }
         Path(args.json).write_text(json.dumps(result, indent=2))

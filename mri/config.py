@@ -154,6 +154,9 @@ class TrainConfig:
         batch_size: samples per step.
         lr: Adam learning rate (> 0).
         weight_decay: Adam's L2 weight decay (>= 0; the official GLEAM code uses 1e-4).
+        lr_schedule: ``"constant"`` (the paper's) or ``"cosine"``: each stage's learning rate
+            falls from ``lr`` to 0 along half a cosine over ``iterations`` updates, so a short
+            CPU run ends with small steps and a flat loss curve.
         iterations: training steps.
         val_every: validate every this many steps (and at the end).
         log_every: print and log every this many steps.
@@ -176,6 +179,7 @@ class TrainConfig:
     batch_size: int = 1
     lr: float = 1e-4
     weight_decay: float = 0.0
+    lr_schedule: Literal["constant", "cosine"] = "constant"
     iterations: int = 200
     val_every: int = 50
     log_every: int = 10

@@ -139,7 +139,26 @@ def _wrapper(model, t, splits, devices, checkpoint, invertible, nonfinite) -> Gr
         invertible=invertible,
         inversion_checkpoints=t.mel_checkpoints,
         max_inversion_error=t.mel_max_error,
+        scheduler=_scheduler(t),
     )
+
+
+def cosine_factor(step: int, iterations: int) -> float:
+    """The cosine schedule's multiplier of ``lr`` after ``step`` of ``iterations`` updates."""
+    return 0.5 * (1.0 + math.cos(math.pi * min(step, iterations) / iterations))
+
+
+def _scheduler(t: Any) -> Any:
+    if t.lr_schedule == "constant":
+        return None
+    iterations = t.iterations
+
+    # A closure, not an object: LambdaLR saves callable objects in its state and would bring
+    # back the old length on resume; a function is rebuilt from the (possibly changed) config.
+    def factory(opt: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_factor(s, iterations))
+
+    return factory
 
 
 def _seed_everything(seed: int) -> None:
@@ -336,12 +355,17 @@ def _run(cfg, gw, out, train_loader, val_loader, state, changes, resume, progres
                 f"resume: {last_path} does not fit the model of this config "
                 f"({(str(err).splitlines() or [''])[0][:200]}); start a new --out folder"
             ) from err
-        if "train.lr" in changes:
-            # The optimizer state restores the old learning rate; the new one must win.
-            for opt in gw.optimizers:
-                if opt is not None:
-                    for group in opt.param_groups:
-                        group["lr"] = t.lr
+        if "train.lr" in changes or "train.iterations" in changes:
+            # The optimizer and scheduler states restore the old learning rate; the new one
+            # (and a cosine's new length) must win from the next update on.
+            for opt, sched in zip(gw.optimizers, gw.schedulers, strict=True):
+                if opt is None:
+                    continue
+                if sched is not None:
+                    sched.base_lrs = [t.lr for _ in opt.param_groups]
+                factor = 1.0 if sched is None else cosine_factor(sched.last_epoch, t.iterations)
+                for group in opt.param_groups:
+                    group["lr"] = t.lr * factor
         step, best_step, best = state["step"], state["best_step"], state["best_val_nrmse"]
         history, skipped = list(state["history"]), state["skipped_updates"]
         resumes = list(state.get("resumes", []))

@@ -76,3 +76,17 @@ def test_mel_section_compares_modl_trained_three_ways(quick: tuple[dict, Path]) 
     for key, entry in result["mel"].items():
         assert all(math.isfinite(entry[k]["mean"]) for k in METRICS), key
         assert entry["train_seconds"]["mean"] > 0, key
+
+
+@pytest.mark.slow
+def test_training_curves_are_recorded_for_every_run(quick: tuple[dict, Path]) -> None:
+    # (f): the flatness check reads validation PSNR along training and the loss from log.csv.
+    result, out = quick
+    for key, entry in {**result["methods"], **result["mel"]}.items():
+        steps = entry["val_steps"]
+        assert steps == sorted(steps) and steps[-1] == result["iterations"], key
+        assert len(entry["val_psnr"]) == len(steps), key
+        gains = entry["last_quarter_gain"]["values"]
+        assert len(gains) == len(entry["val_psnr_per_seed"]) and all(map(math.isfinite, gains))
+        assert [s for s, _ in entry["loss_seed0"]][-1] == result["iterations"], key
+    assert (out / "training_curves.png").stat().st_size > 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import subprocess
@@ -150,6 +151,39 @@ def test_resume_overrides_take_effect_and_are_recorded(tiny_root):
     assert state["config"]["train"]["lr"] == 0.01
     assert yaml.safe_load((run / "config.yaml").read_text())["train"]["lr"] == 0.01
     assert state["resumes"] == [{"step": 2, "changes": {"train.lr": [0.001, 0.01]}}]
+
+
+def _stage_lrs(path: Path) -> list[float]:
+    optimizers = load_checkpoint(path)["wrapper"]["_extra_state"]["optimizers"]
+    return [g["lr"] for o in optimizers for g in o["param_groups"]]
+
+
+def test_cosine_schedule_anneals_every_stage_to_zero_and_resumes_on_its_new_length(tiny_root):
+    lr = 1e-3
+    cfg = load_config("cpu-tiny", {"train.iterations": 4, "train.val_every": 2,
+                                   "train.lr_schedule": "cosine", "train.lr": lr})  # fmt: skip
+    run = tiny_root / "cosine"
+    train(cfg, run, progress=False, max_steps=2)
+    stages = cfg.train.splits
+    # Half-way along half a cosine: lr / 2 for every stage.
+    assert _stage_lrs(run / "last.pt") == pytest.approx([lr / 2] * stages)
+    train(cfg, run, progress=False, resume=True)
+    assert _stage_lrs(run / "last.pt") == pytest.approx([0.0] * stages, abs=1e-12)
+    # Lengthened on resume: the cosine follows the new length from where the run stands.
+    longer = load_config("cpu-tiny", {"train.iterations": 8, "train.val_every": 2,
+                                      "train.lr_schedule": "cosine", "train.lr": lr})  # fmt: skip
+    train(longer, run, progress=False, max_steps=2, resume=True)
+    assert _stage_lrs(run / "last.pt") == pytest.approx([lr * 0.5 * (1 + math.cos(math.pi * 6 / 8))]
+                                                        * stages)  # fmt: skip
+    constant = tiny_root / "constant"
+    train(load_config("cpu-tiny", {"train.iterations": 2, "train.val_every": 2, "train.lr": lr}),
+          constant, progress=False)  # fmt: skip
+    assert _stage_lrs(constant / "last.pt") == [lr] * stages
+
+
+def test_a_bad_lr_schedule_is_refused_naming_the_choices():
+    with pytest.raises(ConfigError, match=r"train\.lr_schedule.*'linear'.*cosine"):
+        load_config("cpu-tiny", {"train.lr_schedule": "linear"})
 
 
 def test_a_folder_that_holds_a_run_is_never_overwritten_silently(tiny_root):
