@@ -29,6 +29,8 @@ def main() -> None:
     parser.add_argument("--iters", default="30,100", help="comma-separated iteration counts")
     parser.add_argument("--backend", choices=("torch", "bart"), default="torch")
     parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--spin", choices=("average", "random", "none"), default="average",
+                        help="cycle spinning of mri.cs's wavelet (the torch backend)")  # fmt: skip
     args = parser.parse_args()
     torch.set_num_threads(1)
 
@@ -47,6 +49,8 @@ def main() -> None:
     for iters in (int(v) for v in args.iters.split(",")):
         for lam in (float(v) for v in args.grid.split(",")):
             kw = {key: lam, "max_iter": iters, "tol": 0.0, "backend": args.backend}
+            if args.backend == "torch":
+                kw["spin"] = args.spin
             start = time.perf_counter()
             x = cs.cs_recon(y, maps, mask, **kw)
             took = time.perf_counter() - start

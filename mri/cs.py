@@ -15,7 +15,7 @@ import pywt
 import torch
 from torch import Tensor
 
-from mri._cs_solver import Regulariser, fista
+from mri._cs_solver import SPINS, Regulariser, fista
 from mri.physics import Measurement, SenseOp
 
 __all__ = ["cs_recon", "l1_wavelet_recon", "tv_recon", "wavelet_tv_recon", "tune_lamda"]
@@ -53,7 +53,7 @@ def cs_recon(
     tol: float = 1e-4,
     wave_name: str = "db2",
     levels: int | None = None,
-    randshift: bool = True,
+    spin: str = "average",
     inner_iter: int = 10,
     seed: int = 0,
     backend: str = "torch",
@@ -71,15 +71,18 @@ def cs_recon(
     + lamda_t ||D_t x||_1``
 
     with ``A`` the [`SenseOp`][mri.physics.SenseOp] of ``maps``, ``mask`` and ``fft_dims``;
-    ``Psi`` an orthonormal Daubechies wavelet over the Fourier-encoded dims, cycle-spun by a
-    random shift at every iteration (as BART's ``pics -R W`` does), with the coarsest band
-    unpenalised; ``D_s`` circular differences along the Fourier-encoded dims (isotropic TV:
-    the l2 norm over directions at each voxel); ``D_t`` differences along the other image dims
-    (time). FISTA takes steps ``1/L`` with ``L`` an upper bound of ``||A||^2`` and stops when
-    the relative change of the iterate falls below ``tol`` or after ``max_iter`` iterations.
+    ``Psi`` an orthonormal Daubechies wavelet over the Fourier-encoded dims, cycle-spun
+    (``spin``), with the coarsest band unpenalised; ``D_s`` circular differences along the
+    Fourier-encoded dims (isotropic TV: the l2 norm over directions at each voxel); ``D_t``
+    differences along the other image dims (time). FISTA takes steps ``1/L`` with ``L`` an upper
+    bound of ``||A||^2`` and stops when the relative change of the iterate falls below ``tol``
+    or after ``max_iter`` iterations.
     With TV the proximal step is solved by ``inner_iter`` warm-started dual FISTA steps.
-    Random shifts make the iterates fluctuate about the solution, so with them the result is
-    the mean of the last quarter of ``max_iter`` iterates and ``tol`` is not used.
+    The default cycle spinning, ``spin="average"``, averages the wavelet over the ``2**d``
+    one-pixel shifts of the ``d`` encoded dims: a fixed convex problem, so the iterates
+    converge and ``tol`` applies. ``spin="random"`` shifts by a random offset at every
+    iteration, as BART's ``pics -R W`` does: its iterates fluctuate about the solution, so the
+    result is the mean of the last quarter of ``max_iter`` iterates and ``tol`` is not used.
 
     Args:
         kspace: Measured k-space ``(B, C, *spatial)``, complex.
@@ -93,12 +96,14 @@ def cs_recon(
         fft_dims: As for [`SenseOp`][mri.physics.SenseOp]; ``2`` for 2D+time.
         max_iter: Most FISTA iterations (>= 1).
         tol: Stop once ``||x_k - x_{k-1}|| / ||x_k|| < tol`` for every sample (0 runs
-            ``max_iter``); not used with a randomly shifted wavelet term.
+            ``max_iter``); not used with ``spin="random"``.
         wave_name: A PyWavelets orthogonal wavelet (``"db4"``, ``"db2"``, ``"haar"``...).
         levels: Wavelet levels; ``None`` takes up to 4 that fit the image.
-        randshift: Cycle-spin the wavelet by a random shift at every iteration.
+        spin: Cycle spinning of the wavelet: ``"average"`` (the mean over the one-pixel
+            shifts; deterministic, converges; ``2**d`` wavelet transforms per iteration),
+            ``"random"`` (one random shift per iteration, as BART) or ``"none"``.
         inner_iter: Dual iterations of the TV proximal step (>= 1).
-        seed: Seed of the random shifts.
+        seed: Seed of the random shifts (``spin="random"``).
         backend: ``"torch"`` (this module's FISTA) or ``"bart"`` (BART's ``pics`` via the
             optional ``bartorch`` package, 2D and 3D without a temporal term; BART picks
             FISTA or ADMM itself and runs ``max_iter`` iterations).
@@ -119,6 +124,8 @@ def cs_recon(
     _check_int(where, "inner_iter", inner_iter, 1)
     if levels is not None:
         _check_int(where, "levels", levels, 1)
+    if spin not in SPINS:
+        raise ValueError(f"{where}: spin must be one of {SPINS}, got {spin!r}")
     if backend not in _BACKENDS:
         raise ValueError(f"{where}: backend must be one of {_BACKENDS}, got {backend!r}")
     if wave_name not in pywt.wavelist(kind="discrete") or not pywt.Wavelet(wave_name).orthogonal:
@@ -153,7 +160,7 @@ def cs_recon(
     else:
         shape = (kspace.shape[0], *kspace.shape[2:])
         reg = Regulariser(
-            shape, space, time, lamdas, wave_name, levels, randshift, inner_iter, seed
+            shape, space, time, lamdas, wave_name, levels, spin, inner_iter, seed
         )
         x, _ = fista(op, y, reg, max_iter, tol)
     return x * scale.view(view[:-1]).to(x.dtype)
