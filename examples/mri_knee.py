@@ -45,7 +45,7 @@ def tune_cs(cfg: Config, data: Path) -> float:
         items.append((meas.kspace, meas.op.maps, meas.op.mask, target))
         fft_dims = meas.op.fft_dims
     grid = [default * f for f in (0.25, 0.5, 1, 2, 4)]
-    kw = {"max_iter": cfg.eval.cs_iters, "fft_dims": fft_dims}
+    kw = {"max_iter": cfg.eval.cs_iters, "tol": 0.0, "fft_dims": fft_dims}
     best, table = cs.tune_lamda(items, grid, recon, **kw)
     print("CS weight on the validation split: " + ", ".join(
         f"{lam:g}: {p:.2f} dB" for lam, p in table.items()) + f"; using {best:g}")  # fmt: skip

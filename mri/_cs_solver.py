@@ -3,7 +3,6 @@ an orthonormal, cycle-spun wavelet l1 norm, isotropic spatial TV and temporal TV
 
 from __future__ import annotations
 
-import itertools
 import math
 import warnings
 from collections.abc import Sequence
@@ -88,6 +87,28 @@ def _grad_adjoint(z: Tensor, axes: Sequence[int]) -> Tensor:
 SPINS = ("average", "random", "none")
 
 
+def _bit_reverse(i: int, bits: int) -> int:
+    return int(format(i, f"0{bits}b")[::-1], 2) if bits else 0
+
+
+def spin_shifts(count: int, ndim: int, block: int) -> list[list[int]]:
+    """``count`` (a power of 2) shifts of ``ndim`` axes that spread over the wavelet's levels.
+
+    Shift ``i`` moves axis 0 by ``i``, axis 1 by ``i`` bit-reversed and axis ``j`` by
+    ``(2j - 1) i`` bit-reversed, all modulo ``block = 2**levels``: along each axis the shifts
+    take every residue modulo ``count`` (every phase of the finest ``log2(count)`` levels),
+    and the axes do not move in step. Duplicates (images with fewer levels) are dropped.
+    """
+    bits = count.bit_length() - 1
+    shifts: list[list[int]] = []
+    for i in range(count):
+        s = [i] + [_bit_reverse((2 * j - 1) * i % count, bits) for j in range(1, ndim)]
+        s = [v % block for v in s]
+        if s not in shifts:
+            shifts.append(s)
+    return shifts
+
+
 class Regulariser:
     """``lw ||W x||_1 + ls sum_r ||(D_s x)_r||_2 + lt ||D_t x||_1`` and its proximal operator.
 
@@ -97,13 +118,13 @@ class Regulariser:
     FISTA, warm-started from the previous outer iteration's dual.
 
     ``spin`` says how the wavelet is made shift-invariant (cycle spinning). ``"average"`` uses
-    the ``2**d`` shifts by 0 or 1 pixel along each of the ``d`` spatial axes at once: with the
-    wavelet alone the prox is the mean of their soft-thresholds, which is the exact prox of
-    their *proximal average* (Bauschke, Goebel, Lucet & Wang 2008), a convex function, so FISTA
-    converges to a fixed answer; with TV the wavelet term is the mean of the ``2**d`` shifted
-    l1 norms, one dual variable each. ``"random"`` draws one shift in ``[0, 2**levels)`` per
-    axis at every iteration, as BART's ``pics`` does: a stochastic proximal step whose iterates
-    fluctuate (by 0.1-0.3 dB from seed to seed). ``"none"`` uses the unshifted wavelet.
+    ``num_shifts`` fixed shifts (`spin_shifts`): with the wavelet alone the prox is the mean
+    of their soft-thresholds, which is the exact prox of their *proximal average* (Bauschke,
+    Goebel, Lucet & Wang 2008), a convex function, so FISTA converges to a fixed answer; with
+    TV the wavelet term is the mean of the shifted l1 norms, one dual variable each.
+    ``"random"`` draws one shift in ``[0, 2**levels)`` per axis at every iteration, as BART's
+    ``pics`` does: a stochastic proximal step whose iterates fluctuate (by 0.1-0.3 dB from
+    seed to seed). ``"none"`` uses the unshifted wavelet.
     """
 
     def __init__(
@@ -117,6 +138,7 @@ class Regulariser:
         spin: str,
         inner_iter: int,
         seed: int,
+        num_shifts: int = 8,
     ) -> None:
         self.lw, self.ls, self.lt = lamdas
         self.space, self.time = space, (time if self.lt > 0 else ())
@@ -130,11 +152,9 @@ class Regulariser:
                 filt = pywt.Wavelet(wave).dec_len
                 levels = max(1, min(4, *(pywt.dwt_max_level(shape[a], filt) for a in space)))
             self.wavelet = _Wavelet(shape, space, wave, levels)
-        self.fixed_shifts = (
-            [list(s) for s in itertools.product((0, 1), repeat=len(space))]
-            if spin == "average"
-            else [[0] * len(space)]
-        )
+        self.fixed_shifts = [[0] * len(space)]
+        if spin == "average" and self.wavelet is not None:
+            self.fixed_shifts = spin_shifts(num_shifts, len(space), 2**self.wavelet.levels)
         # With K shifts the wavelet part of K is the stack of W S_k / K: its norm^2 is 1/K.
         # ||D||^2 <= 4 per circular difference axis.
         wavelet_norm2 = 1.0 / len(self.fixed_shifts) if self.wavelet else 0.0

@@ -54,6 +54,7 @@ def cs_recon(
     wave_name: str = "db2",
     levels: int | None = None,
     spin: str = "average",
+    num_shifts: int = 8,
     inner_iter: int = 10,
     seed: int = 0,
     backend: str = "torch",
@@ -78,9 +79,9 @@ def cs_recon(
     bound of ``||A||^2`` and stops when the relative change of the iterate falls below ``tol``
     or after ``max_iter`` iterations.
     With TV the proximal step is solved by ``inner_iter`` warm-started dual FISTA steps.
-    The default cycle spinning, ``spin="average"``, averages the wavelet over the ``2**d``
-    one-pixel shifts of the ``d`` encoded dims: a fixed convex problem, so the iterates
-    converge and ``tol`` applies. ``spin="random"`` shifts by a random offset at every
+    The default cycle spinning, ``spin="average"``, averages the wavelet over ``num_shifts``
+    fixed shifts spread over its finest levels: a fixed convex problem, so the iterates converge
+    and ``tol`` applies. ``spin="random"`` shifts by a random offset at every
     iteration, as BART's ``pics -R W`` does: its iterates fluctuate about the solution, so the
     result is the mean of the last quarter of ``max_iter`` iterates and ``tol`` is not used.
 
@@ -99,9 +100,11 @@ def cs_recon(
             ``max_iter``); not used with ``spin="random"``.
         wave_name: A PyWavelets orthogonal wavelet (``"db4"``, ``"db2"``, ``"haar"``...).
         levels: Wavelet levels; ``None`` takes up to 4 that fit the image.
-        spin: Cycle spinning of the wavelet: ``"average"`` (the mean over the one-pixel
-            shifts; deterministic, converges; ``2**d`` wavelet transforms per iteration),
-            ``"random"`` (one random shift per iteration, as BART) or ``"none"``.
+        spin: Cycle spinning of the wavelet: ``"average"`` (the mean over ``num_shifts``
+            fixed shifts; deterministic, converges; one wavelet transform pair per shift and
+            iteration), ``"random"`` (one random shift per iteration, as BART) or ``"none"``.
+        num_shifts: Shifts of ``spin="average"``, a power of 2 (>= 1): 8 by default; 4 is
+            about 1.6x faster and 0.2 dB worse on the built-in knee-like slices.
         inner_iter: Dual iterations of the TV proximal step (>= 1).
         seed: Seed of the random shifts (``spin="random"``).
         backend: ``"torch"`` (this module's FISTA) or ``"bart"`` (BART's ``pics`` via the
@@ -126,6 +129,11 @@ def cs_recon(
         _check_int(where, "levels", levels, 1)
     if spin not in SPINS:
         raise ValueError(f"{where}: spin must be one of {SPINS}, got {spin!r}")
+    _check_int(where, "num_shifts", num_shifts, 1)
+    if num_shifts & (num_shifts - 1):
+        raise ValueError(
+            f"{where}: num_shifts must be a power of 2 (1, 2, 4, 8...), got {num_shifts}"
+        )
     if backend not in _BACKENDS:
         raise ValueError(f"{where}: backend must be one of {_BACKENDS}, got {backend!r}")
     if wave_name not in pywt.wavelist(kind="discrete") or not pywt.Wavelet(wave_name).orthogonal:
@@ -160,7 +168,7 @@ def cs_recon(
     else:
         shape = (kspace.shape[0], *kspace.shape[2:])
         reg = Regulariser(
-            shape, space, time, lamdas, wave_name, levels, spin, inner_iter, seed
+            shape, space, time, lamdas, wave_name, levels, spin, inner_iter, seed, num_shifts
         )
         x, _ = fista(op, y, reg, max_iter, tol)
     return x * scale.view(view[:-1]).to(x.dtype)
@@ -221,6 +229,8 @@ def l1_wavelet_recon(
     wave_name: str = "db2",
     fft_dims: int | Sequence[int] | None = None,
     backend: str = "torch",
+    spin: str = "average",
+    num_shifts: int = 8,
     show_pbar: bool = False,
 ) -> Tensor:
     """l1-wavelet compressed sensing: [`cs_recon`][mri.cs.cs_recon] with ``lamda_wavelet=lamda``.
@@ -233,11 +243,13 @@ def l1_wavelet_recon(
     a 256x256 Shepp-Logan slice at R=6; tune it on validation data with
     [`tune_lamda`][mri.cs.tune_lamda]. The paper's weights (0.12 / 0.07 / 0.06 for knee
     R=4 / 12 / 16, 0.001 for brain, 100 iterations) are on its own code's data scale, not this
-    one. ``show_pbar`` is accepted for compatibility and ignored (the batch is solved at once).
+    one. ``spin`` and ``num_shifts`` are [`cs_recon`][mri.cs.cs_recon]'s. ``show_pbar`` is
+    accepted for compatibility and ignored (the batch is solved at once).
     """
     del show_pbar
     return cs_recon(kspace, maps, mask, lamda_wavelet=lamda, max_iter=max_iter, tol=tol,
-                    wave_name=wave_name, fft_dims=fft_dims, backend=backend)  # fmt: skip
+                    wave_name=wave_name, fft_dims=fft_dims, backend=backend, spin=spin,
+                    num_shifts=num_shifts)  # fmt: skip
 
 
 def tv_recon(
@@ -289,6 +301,8 @@ def wavelet_tv_recon(
     *,
     tol: float = 1e-4,
     backend: str = "torch",
+    spin: str = "average",
+    num_shifts: int = 8,
 ) -> Tensor:
     """The GLEAM paper's cine CS: l1-wavelet + spatial TV + temporal TV, via
     [`cs_recon`][mri.cs.cs_recon].
@@ -298,11 +312,13 @@ def wavelet_tv_recon(
     ```
 
     The paper uses spatial TV 0.05 and temporal TV 0.01 with 200 iterations, on its own
-    code's data scale; the defaults here are on the ``max |A^H y| = 1`` scale.
+    code's data scale; the defaults here are on the ``max |A^H y| = 1`` scale. ``spin`` and
+    ``num_shifts`` are [`cs_recon`][mri.cs.cs_recon]'s; each shift adds a dual variable and a
+    wavelet transform pair per inner step.
     """
     return cs_recon(kspace, maps, mask, lamda_wavelet=lamda, lamda_tv=lamda_tv,
                     lamda_t=lamda_t, fft_dims=fft_dims, max_iter=max_iter, tol=tol,
-                    backend=backend)  # fmt: skip
+                    backend=backend, spin=spin, num_shifts=num_shifts)  # fmt: skip
 
 
 def tune_lamda(
