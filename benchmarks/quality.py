@@ -68,6 +68,13 @@ def base_config(quick: bool, iterations: int | None) -> Config:
     }
     if quick:
         return load_config("cpu-tiny", overrides)
+    # The PGD network of sections (a)-(d), stated here rather than inherited from cpu-demo
+    # (which became MoDL): N=4, 24 features, 2 residual blocks, step -1, GLEAM in 2 stages.
+    overrides |= {
+        "model.type": "pgd", "model.num_unrolls": 4, "model.features": 24,
+        "model.num_resblocks": 2, "model.step_size": -1.0, "train.splits": 2,
+        "train.lr": 2e-3,
+    }  # fmt: skip
     # 64x64 keeps the demo's network, mask and acceleration at less than half the demo's cost
     # per step (~0.05 s for N=4 on one core), so 12 runs of 3000 steps fit about an hour.
     return load_config("cpu-demo", {**overrides, "data.shape": [64, 64]})
