@@ -88,3 +88,37 @@ def test_unrolled_networks_do_not_share_weights_and_count_per_block():
     assert count(modl) == 3 * count(PlainCNN(4, 3, 2))
     learnable = UnrolledPGD(2, 4, 1, learnable_step=True)
     assert count(learnable) == 2 * (official_prox_count(4, 1, 2) + 1)
+
+
+def test_spectral_conv_keeps_no_input_sized_tensor_for_its_norm():
+    # The norm's gradient used to keep the power-iteration vector v and W v (two input-sized
+    # tensors per convolution) until the backward: a checkpointed invertible MoDL step was a
+    # third larger than a plain one. Now the forward saves the input and weight-sized tensors.
+    from mri.models import _apply_conv, _SpectralConv
+
+    torch.manual_seed(0)
+    conv = _SpectralConv(2, 8, 8, bound=0.5)
+    with torch.no_grad():
+        conv.conv.weight.add_(0.3 * torch.randn_like(conv.conv.weight))  # norm above the bound
+    x = torch.randn(1, 8, 24, 20)
+    saved: list[int] = []
+
+    def pack(t):
+        saved.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = conv(x)
+    input_sized = [n for n in saved if n >= x.numel()]
+    assert len(input_sized) <= 2, saved  # the (padded) input of the convolution itself
+    # Same value and gradient as autograd through ||W v|| with the same vector.
+    out.square().sum().backward()
+    grad = conv.conv.weight.grad.clone()
+    conv.conv.weight.grad = None
+    v = conv.top_singular_vector((24, 20))
+    w = conv.conv.weight
+    norm = torch.linalg.vector_norm(_apply_conv(v, w, conv.padding_mode))
+    ref = _apply_conv(x, w * torch.clamp(0.5 / norm, max=1.0), conv.padding_mode)
+    torch.testing.assert_close(out, ref)
+    ref.square().sum().backward()
+    torch.testing.assert_close(grad, conv.conv.weight.grad)
