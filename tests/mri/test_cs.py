@@ -45,14 +45,18 @@ def test_l1_wavelet_beats_zero_filled_in_2d(phantom_2d):
     torch.testing.assert_close(inferred, recon[:1], rtol=1e-3, atol=1e-3)
 
 
-def test_tv_converges_where_the_old_pdhg_had_not(cine_phantom):
-    # The old SigPy PDHG changed by >0.5 dB between 50 and 200 iterations on cine. The criterion
-    # the baselines are held to: the iterations they run are within 0.05 dB of 4x as many.
-    frames, n = 6, 32
+def cine_problem(cine_phantom, frames: int = 6, n: int = 32):
+    """A small 2D+time problem: the moving-disc phantom, 4 birdcage coils, k-t mask R=4."""
     image = cine_phantom(frames, n)[None]
     maps = birdcage_maps((n, n), 4)[None]
     mask = kt_mask((frames, n, n), 4, calib=4, seed=0)
-    kspace = noisy_kspace(SenseOp(maps, mask, fft_dims=2), image)
+    return image, maps, mask, noisy_kspace(SenseOp(maps, mask, fft_dims=2), image)
+
+
+def test_tv_converges_where_the_old_pdhg_had_not(cine_phantom):
+    # The old SigPy PDHG changed by >0.5 dB between 50 and 200 iterations on cine. The criterion
+    # the baselines are held to: the iterations they run are within 0.05 dB of 4x as many.
+    image, maps, mask, kspace = cine_problem(cine_phantom)
     short = psnr(tv_recon(kspace, maps, mask, max_iter=100, tol=0.0), image)
     long = psnr(tv_recon(kspace, maps, mask, max_iter=400, tol=0.0), image)
     assert (short - long).abs().item() < 0.05, (short, long)
@@ -96,11 +100,7 @@ def test_spin_shifts_take_every_phase_of_the_finest_levels_on_every_axis(bits, n
 
 
 def test_wavelet_plus_tv_with_averaged_shifts_converges(cine_phantom):
-    frames, n = 6, 32
-    image = cine_phantom(frames, n)[None]
-    maps = birdcage_maps((n, n), 4)[None]
-    mask = kt_mask((frames, n, n), 4, calib=4, seed=0)
-    kspace = noisy_kspace(SenseOp(maps, mask, fft_dims=2), image)
+    image, maps, mask, kspace = cine_problem(cine_phantom)
 
     def score(iters):
         # Two shifts keep the test quick; the dual solver treats any number alike.
@@ -139,11 +139,7 @@ def test_spatiotemporal_tv_beats_zero_filled_in_2d_plus_time(cine_phantom, share
 
 
 def test_paper_cine_cs_combines_wavelet_and_both_tv_terms(cine_phantom):
-    frames, n = 6, 32
-    image = cine_phantom(frames, n)[None]
-    maps = birdcage_maps((n, n), 4)[None]
-    mask = kt_mask((frames, n, n), 4, calib=4, seed=0)
-    kspace = noisy_kspace(SenseOp(maps, mask, fft_dims=2), image)
+    image, maps, mask, kspace = cine_problem(cine_phantom)
     both = wavelet_tv_recon(kspace, maps, mask, max_iter=40)
     tv_only = wavelet_tv_recon(kspace, maps, mask, lamda=0.0, max_iter=40)
     assert both.shape == image.shape
