@@ -11,7 +11,7 @@ the curves to flatten (the learning rate follows a cosine to 0). Prints tables, 
 file, ``depth_curves.png`` and ``training_curves.png``.
 
     .venv/bin/python benchmarks/quality.py [--quick] [--seeds N] [--iterations N]
-        [--json PATH] [--out DIR] [--threads N]
+        [--json PATH] [--out DIR] [--threads N] [--only-mel] [--reuse]
 """
 
 from __future__ import annotations
@@ -34,7 +34,8 @@ from typing import Any
 import torch
 
 from greedywrap import format_bytes, track_memory
-from mri.config import Config, load_config
+from mri.checkpoint import CheckpointError
+from mri.config import Config, ConfigError, load_config
 from mri.evaluate import evaluate, plot_depth
 from mri.pipeline import batch_to_inputs, make_loader, prepare_builtin
 from mri.train import build_model, build_wrapper, load_trained, train
@@ -96,7 +97,9 @@ def modl_config(cfg: Config) -> Config:
     return dataclasses.replace(cfg, model=model, train=train_cfg)
 
 
-def mel_section(cfg: Config, data: Path, out: Path, seeds: list[int], log) -> dict[str, Any]:
+def mel_section(
+    cfg: Config, data: Path, out: Path, seeds: list[int], log, reuse: bool = False
+) -> dict[str, Any]:
     """(e) MoDL trained end to end, greedily, and by inversion (MEL), one row each."""
     mcfg = modl_config(cfg)
     n, m = mcfg.model.num_unrolls, mcfg.train.splits
@@ -110,7 +113,7 @@ def mel_section(cfg: Config, data: Path, out: Path, seeds: list[int], log) -> di
         runs = []
         for seed in seeds:
             res = run_one(variant(mcfg, method, depth, splits, seed), data,
-                          out / f"{key}-s{seed}", with_cs=False)  # fmt: skip
+                          out / f"{key}-s{seed}", with_cs=False, reuse=reuse)  # fmt: skip
             res.pop("baselines", None)
             runs.append(res)
             log(f"  {label:<24} seed {seed}: PSNR {res['psnr']:.2f} SSIM {res['ssim']:.4f} "
@@ -173,10 +176,27 @@ def equal_memory_splits(cfg: Config, data: Path, n_deep: int, log) -> tuple[int,
     return n_deep, {"budget": budget, "probes": probes}
 
 
-def run_one(cfg: Config, data: Path, out: Path, with_cs: bool) -> dict[str, Any]:
-    start = time.perf_counter()
-    train(cfg, out, data, progress=False, overwrite=True)  # a re-run of the benchmark redoes it
-    seconds = time.perf_counter() - start
+def finished_seconds(cfg: Config, out: Path) -> float | None:
+    """Training seconds of a finished run of exactly ``cfg`` in ``out``, else ``None``."""
+    try:
+        history = json.loads((out / "history.json").read_text())
+        gw, saved = load_trained(out / "best.pt")
+    except (OSError, ValueError, KeyError, CheckpointError, ConfigError):
+        return None
+    gw.close()
+    if not history or history[-1]["step"] != cfg.train.iterations:
+        return None
+    # What shapes the trained model; the evaluation settings and the description may differ.
+    same = all(getattr(saved, k) == getattr(cfg, k) for k in ("data", "model", "train"))
+    return history[-1]["seconds"] if same else None
+
+
+def run_one(
+    cfg: Config, data: Path, out: Path, with_cs: bool, reuse: bool = False
+) -> dict[str, Any]:
+    """Train (or, with ``reuse``, take the finished run in ``out``) and evaluate on test."""
+    if not (reuse and finished_seconds(cfg, out) is not None):
+        train(cfg, out, data, progress=False, overwrite=True)  # a re-run redoes it
     gw, _ = load_trained(out / "best.pt")
     # CS depends only on the test slices, not on the model: compute it once, not per run.
     eval_cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, cs="none"))
@@ -186,7 +206,7 @@ def run_one(cfg: Config, data: Path, out: Path, with_cs: bool) -> dict[str, Any]
     history = json.loads((out / "history.json").read_text())
     return {
         "seed": cfg.train.seed,
-        "train_seconds": seconds,
+        "train_seconds": history[-1]["seconds"],  # the training loop, validations included
         **{k: result["model"][k] for k in METRICS},
         "depth_psnr": result["depth_psnr"],
         "val_steps": [h["step"] for h in history],
@@ -306,6 +326,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mel-seeds", type=int, default=None,
                         help="seeds of the MoDL/MEL section (default 1)")  # fmt: skip
     parser.add_argument("--only-mel", action="store_true", help="run only the MoDL/MEL section")
+    parser.add_argument("--reuse", action="store_true",
+                        help="evaluate the finished runs of the same config in --out instead "
+                        "of training them again (an interrupted benchmark goes on)")  # fmt: skip
     args = parser.parse_args(argv)
     # One thread by default: on a small shared CPU, OpenMP barriers across busy cores made the
     # same step several times slower from run to run, which would drown the timing column.
@@ -330,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.only_mel:
         log("\n## (e) MoDL: end-to-end, GLEAM and MEL (inversion); MEL's denoisers are "
             "invertible (Lipschitz-bounded), the others plain")  # fmt: skip
-        mel_rows = mel_section(cfg, data, out, mel_seeds, log)
+        mel_rows = mel_section(cfg, data, out, mel_seeds, log, args.reuse)
         log(table(list(mel_rows.values())))
         log("\n## (f) validation PSNR (dB) along training; gain over the last quarter")
         log(curve_rows(mel_rows))
@@ -356,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
         runs = []
         for seed in seeds:
             run_cfg = variant(cfg, method, depth, splits, seed)
-            res = run_one(run_cfg, data, out / f"{key}-s{seed}", with_cs=not baselines)
+            res = run_one(run_cfg, data, out / f"{key}-s{seed}", not baselines, args.reuse)
             baselines = baselines or res.pop("baselines")
             res.pop("baselines", None)
             runs.append(res)
@@ -407,7 +430,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"of {e['M'] - 1}")  # fmt: skip
     log("\n## (e) MoDL: end-to-end, GLEAM and MEL (inversion); MEL's denoisers are "
         "invertible (Lipschitz-bounded), the others plain")  # fmt: skip
-    mel_rows = mel_section(cfg, data, out, mel_seeds, log)
+    mel_rows = mel_section(cfg, data, out, mel_seeds, log, args.reuse)
     log(table(list(mel_rows.values())))
     log(
         "\n## (f) validation PSNR (dB) along training, mean over seeds; gain over the last "

@@ -90,3 +90,21 @@ def test_training_curves_are_recorded_for_every_run(quick: tuple[dict, Path]) ->
         assert len(gains) == len(entry["val_psnr_per_seed"]) and all(map(math.isfinite, gains))
         assert [s for s, _ in entry["loss_seed0"]][-1] == result["iterations"], key
     assert (out / "training_curves.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_reuse_evaluates_finished_runs_without_training_them_again(quick: tuple[dict, Path]):
+    result, out = quick
+    checkpoints = {p: p.stat().st_mtime_ns for p in out.glob("*/best.pt")}
+    assert len(checkpoints) == 4 + 3  # (a)-(d) and the MoDL section, one seed each
+    again_path = out / "again.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "quality.py"), "--quick", "--reuse"]
+    cmd += ["--json", str(again_path), "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert {p: p.stat().st_mtime_ns for p in out.glob("*/best.pt")} == checkpoints
+    again = json.loads(again_path.read_text())
+    for key, entry in {**result["methods"], **result["mel"]}.items():
+        other = {**again["methods"], **again["mel"]}[key]
+        assert other["train_seconds"] == entry["train_seconds"], key
+        assert other["psnr"] == entry["psnr"] and other["val_psnr"] == entry["val_psnr"], key
