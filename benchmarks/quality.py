@@ -262,7 +262,7 @@ def plot_training(entries: dict[str, dict[str, Any]], path: Path) -> Path:
     for e in entries.values():
         left.plot(e["val_steps"], e["val_psnr"], marker="o", ms=3, label=e["label"])
         loss = e["loss_seed0"]
-        width = max(1, len(loss) // 20)  # a running mean over ~5% of the run
+        width = max(1, len(loss) // 8)  # a running mean over ~1/8 of the run
         smooth = [statistics.fmean(v for _, v in loss[max(0, i - width + 1) : i + 1])
                   for i in range(len(loss))]  # fmt: skip
         right.plot([s for s, _ in loss], smooth, label=e["label"])
