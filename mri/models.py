@@ -77,19 +77,22 @@ def _check_positive_int(name: str, value: object) -> None:
 
 
 class _ResBlock(nn.Module):
-    """``body(h) + shortcut(h)``; body is ReLU, conv, ReLU, conv with bias-free convolutions.
+    """``body(h) + shortcut(h)`` with two bias-free 3x3 convolutions in ``body``.
 
-    The shortcut is the identity when the widths match, else a 1x1 convolution (with bias), as
-    in the official GLEAM ``ResBlock``.
+    As in the official GLEAM layers: in 2D each convolution follows its ReLU (ReLU, conv,
+    ReLU, conv: pre-activation), in 3D each precedes it (conv, ReLU, conv, ReLU). The shortcut
+    is the identity when the widths match, else a 1x1 convolution (with bias).
     """
 
     def __init__(self, cin: int, cout: int, conv_dim: int) -> None:
         super().__init__()
         pad = _edge_padding(conv_dim)
-        self.body = nn.Sequential(
-            nn.ReLU(), _conv(conv_dim, cin, cout, bias=False, padding_mode=pad),
-            nn.ReLU(), _conv(conv_dim, cout, cout, bias=False, padding_mode=pad),
-        )  # fmt: skip
+        conv1 = _conv(conv_dim, cin, cout, bias=False, padding_mode=pad)
+        conv2 = _conv(conv_dim, cout, cout, bias=False, padding_mode=pad)
+        if conv_dim == 2:
+            self.body = nn.Sequential(nn.ReLU(), conv1, nn.ReLU(), conv2)
+        else:
+            self.body = nn.Sequential(conv1, nn.ReLU(), conv2, nn.ReLU())
         self.shortcut = nn.Identity() if cin == cout else _conv(conv_dim, cin, cout, 1)
 
     def forward(self, h: Tensor) -> Tensor:
@@ -102,8 +105,11 @@ class ResidualCNN(nn.Module):
     ``x + final(resblock_K(... resblock_1(x)))`` on the two real channels of ``x``:
     ``resblock_1`` maps 2 -> ``features`` channels with a 1x1-convolution shortcut, the
     other ``num_resblocks - 1`` map ``features`` -> ``features`` with an identity shortcut;
-    each is ReLU, 3x3 conv, ReLU, 3x3 conv (bias-free, pre-activation order); ``final`` is a
-    3x3 conv ``features`` -> 2 with bias. No normalisation. With ``features = F`` and 3x3
+    each has two bias-free 3x3 convolutions, after their ReLUs in 2D and before them in 3D;
+    ``final`` is a 3x3 conv ``features`` -> 2 with bias. No normalisation. In 3D (2D+time or
+    volumes) the first image axis is padded circularly by ``2 num_resblocks + 1`` before the
+    network and cropped back after it, as the official 3D layers do: a cardiac cycle wraps
+    around, so the first frame's neighbours include the last. With ``features = F`` and 3x3
     kernels (``k = 9`` taps in 2D, 27 in 3D) one prox has
     ``k(2F + F^2) + 3F + (num_resblocks - 1) 2kF^2 + 2kF + 2`` parameters: 273 902 for
     ``F = 100`` in 2D, 208 052 for ``F = 50`` in 3D (see docs/paper-configs.md).
@@ -124,10 +130,22 @@ class ResidualCNN(nn.Module):
             *[_ResBlock(features, features, conv_dim) for _ in range(num_resblocks - 1)],
             _conv(conv_dim, features, 2),
         )
+        self.wrap = 2 * num_resblocks + 1 if conv_dim == 3 else 0
 
     def forward(self, x: Tensor) -> Tensor:
         _check_image(x, self.conv_dim)
-        return x + channels_to_complex(self.net(complex_to_channels(x)))
+        h = complex_to_channels(x)
+        if not self.wrap:
+            return x + channels_to_complex(self.net(h))
+        depth = h.shape[2]
+        if self.wrap <= depth:
+            h = nn.functional.pad(h, (0, 0, 0, 0, self.wrap, self.wrap), mode="circular")
+        else:  # circular padding needs pad <= size: repeat the axis as often as it takes
+            reps = -(-self.wrap // depth)
+            start = reps * depth - self.wrap
+            h = torch.cat([h] * (2 * reps + 1), dim=2)[:, :, start : start + depth + 2 * self.wrap]
+        out = self.net(h)[:, :, self.wrap : self.wrap + depth]
+        return x + channels_to_complex(out)
 
 
 def _plain_layers(

@@ -122,3 +122,33 @@ def test_spectral_conv_keeps_no_input_sized_tensor_for_its_norm():
     torch.testing.assert_close(out, ref)
     ref.square().sum().backward()
     torch.testing.assert_close(grad, conv.conv.weight.grad)
+
+
+@pytest.mark.parametrize("frames", [8, 2])
+def test_3d_prox_is_the_official_conv_then_relu_with_time_wrapped_circularly(frames):
+    # The official 3D layers put each convolution before its ReLU and pad the first image
+    # axis (time) circularly by 2K+1 before the network, cropping back after it.
+    torch.manual_seed(0)
+    prox = ResidualCNN(features=4, num_resblocks=1, conv_dim=3)
+    for p in prox.parameters():
+        nn.init.normal_(p, std=0.3)
+    (block, final) = prox.net
+    conv1, relu1, conv2, relu2 = block.body
+    assert isinstance(conv1, nn.Conv3d) and isinstance(relu2, nn.ReLU)  # conv, then act
+    x = torch.randn(1, frames, 6, 5, dtype=torch.complex64)
+    h = torch.stack((x.real, x.imag), dim=1)
+    wrap = 3
+    idx = torch.arange(-wrap, frames + wrap) % frames  # circular, however short the axis
+    hp = h[:, :, idx]
+
+    def conv(t, w, b=None, mode="replicate"):
+        if mode == "replicate":
+            return F.conv3d(F.pad(t, (1,) * 6, mode="replicate"), w, b)
+        return F.conv3d(t, w, b, padding=1)
+
+    body = F.relu(conv(F.relu(conv(hp, conv1.weight)), conv2.weight))
+    h1 = body + F.conv3d(hp, block.shortcut.weight, block.shortcut.bias)
+    out = conv(h1, final.weight, final.bias, mode="zeros")[:, :, wrap : wrap + frames]
+    torch.testing.assert_close(prox(x), x + torch.complex(out[:, 0], out[:, 1]))
+    # Rolling the frames rolls the output: no frame is an edge.
+    torch.testing.assert_close(prox(x.roll(1, 1)), prox(x).roll(1, 1), rtol=1e-5, atol=1e-5)
