@@ -65,6 +65,26 @@ def _conv(
     )
 
 
+class _TimeWrapConv3d(nn.Conv3d):
+    """A 3x3x3 'same' convolution padded circularly along the first axis (time) and by
+    ``padding_mode`` (replicate or zeros) along the other two.
+
+    Equal, on the frames it returns, to the official 3D GLEAM network, which pads time
+    circularly by its receptive field once around the whole network and crops afterwards;
+    padding each convolution instead keeps the activations at the series' own length.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        half = self.kernel_size[0] // 2
+        x = nn.functional.pad(x, (0, 0, 0, 0, half, half), mode="circular")
+        spatial = (half, half, half, half, 0, 0)
+        if self.padding_mode == "zeros":
+            x = nn.functional.pad(x, spatial)
+        else:
+            x = nn.functional.pad(x, spatial, mode=self.padding_mode)
+        return nn.functional.conv3d(x, self.weight, self.bias)
+
+
 def _edge_padding(conv_dim: int) -> str:
     # The official GLEAM layers pad the hidden 3x3 convolutions by reflection in 2D and by
     # replication in 3D; the choice changes no parameter count, only the image borders.
@@ -86,12 +106,14 @@ class _ResBlock(nn.Module):
 
     def __init__(self, cin: int, cout: int, conv_dim: int) -> None:
         super().__init__()
-        pad = _edge_padding(conv_dim)
-        conv1 = _conv(conv_dim, cin, cout, bias=False, padding_mode=pad)
-        conv2 = _conv(conv_dim, cout, cout, bias=False, padding_mode=pad)
         if conv_dim == 2:
+            pad = _edge_padding(conv_dim)
+            conv1 = _conv(conv_dim, cin, cout, bias=False, padding_mode=pad)
+            conv2 = _conv(conv_dim, cout, cout, bias=False, padding_mode=pad)
             self.body = nn.Sequential(nn.ReLU(), conv1, nn.ReLU(), conv2)
         else:
+            conv1 = _TimeWrapConv3d(cin, cout, 3, bias=False, padding_mode="replicate")
+            conv2 = _TimeWrapConv3d(cout, cout, 3, bias=False, padding_mode="replicate")
             self.body = nn.Sequential(conv1, nn.ReLU(), conv2, nn.ReLU())
         self.shortcut = nn.Identity() if cin == cout else _conv(conv_dim, cin, cout, 1)
 
@@ -107,9 +129,10 @@ class ResidualCNN(nn.Module):
     other ``num_resblocks - 1`` map ``features`` -> ``features`` with an identity shortcut;
     each has two bias-free 3x3 convolutions, after their ReLUs in 2D and before them in 3D;
     ``final`` is a 3x3 conv ``features`` -> 2 with bias. No normalisation. In 3D (2D+time or
-    volumes) the first image axis is padded circularly by ``2 num_resblocks + 1`` before the
-    network and cropped back after it, as the official 3D layers do: a cardiac cycle wraps
-    around, so the first frame's neighbours include the last. With ``features = F`` and 3x3
+    volumes) every convolution pads the first image axis circularly, which equals the official
+    3D network (time padded circularly by ``2 num_resblocks + 1`` around the whole network,
+    cropped after) without its extra frames: a cardiac cycle wraps around, so the first
+    frame's neighbours include the last. With ``features = F`` and 3x3
     kernels (``k = 9`` taps in 2D, 27 in 3D) one prox has
     ``k(2F + F^2) + 3F + (num_resblocks - 1) 2kF^2 + 2kF + 2`` parameters: 273 902 for
     ``F = 100`` in 2D, 208 052 for ``F = 50`` in 3D (see docs/paper-configs.md).
@@ -125,27 +148,16 @@ class ResidualCNN(nn.Module):
         _check_positive_int("features", features)
         _check_positive_int("num_resblocks", num_resblocks)
         self.conv_dim = conv_dim
+        final = _conv(2, features, 2) if conv_dim == 2 else _TimeWrapConv3d(features, 2, 3)
         self.net = nn.Sequential(
             _ResBlock(2, features, conv_dim),
             *[_ResBlock(features, features, conv_dim) for _ in range(num_resblocks - 1)],
-            _conv(conv_dim, features, 2),
+            final,
         )
-        self.wrap = 2 * num_resblocks + 1 if conv_dim == 3 else 0
 
     def forward(self, x: Tensor) -> Tensor:
         _check_image(x, self.conv_dim)
-        h = complex_to_channels(x)
-        if not self.wrap:
-            return x + channels_to_complex(self.net(h))
-        depth = h.shape[2]
-        if self.wrap <= depth:
-            h = nn.functional.pad(h, (0, 0, 0, 0, self.wrap, self.wrap), mode="circular")
-        else:  # circular padding needs pad <= size: repeat the axis as often as it takes
-            reps = -(-self.wrap // depth)
-            start = reps * depth - self.wrap
-            h = torch.cat([h] * (2 * reps + 1), dim=2)[:, :, start : start + depth + 2 * self.wrap]
-        out = self.net(h)[:, :, self.wrap : self.wrap + depth]
-        return x + channels_to_complex(out)
+        return x + channels_to_complex(self.net(complex_to_channels(x)))
 
 
 def _plain_layers(

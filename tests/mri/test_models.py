@@ -127,7 +127,8 @@ def test_spectral_conv_keeps_no_input_sized_tensor_for_its_norm():
 @pytest.mark.parametrize("frames", [8, 2])
 def test_3d_prox_is_the_official_conv_then_relu_with_time_wrapped_circularly(frames):
     # The official 3D layers put each convolution before its ReLU and pad the first image
-    # axis (time) circularly by 2K+1 before the network, cropping back after it.
+    # axis (time) circularly by 2K+1 before the network, cropping back after it; ours pads
+    # each convolution circularly in time instead (no extra frames): the same function.
     torch.manual_seed(0)
     prox = ResidualCNN(features=4, num_resblocks=1, conv_dim=3)
     for p in prox.parameters():
