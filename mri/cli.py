@@ -336,7 +336,7 @@ def _main(argv: list[str] | None, args: argparse.Namespace) -> int:
     from mri.checkpoint import CheckpointError
     from mri.config import ConfigError
     from mri.data.h5format import DataFormatError
-    from mri.models import FixedPointError
+    from mri.invertible import FixedPointError
 
     # Parsed into the caller's namespace, so a Ctrl-C at any point still finds the run folder.
     build_parser().parse_args(argv, namespace=args)

@@ -11,7 +11,8 @@ from greedywrap import GreedyWrapper, track_memory
 from mri import ConjugateGradientDC, Measurement, SenseOp
 from mri.coils import birdcage_maps
 from mri.config import ConfigError, load_config
-from mri.models import FixedPointError, InvertibleResidualCNN, MoDL, complex_l1_loss
+from mri.invertible import FixedPointError, InvertibleResidualCNN
+from mri.models import MoDL, complex_l1_loss
 from mri.train import train
 
 

@@ -94,7 +94,7 @@ def test_spectral_conv_keeps_no_input_sized_tensor_for_its_norm():
     # The norm's gradient used to keep the power-iteration vector v and W v (two input-sized
     # tensors per convolution) until the backward: a checkpointed invertible MoDL step was a
     # third larger than a plain one. Now the forward saves the input and weight-sized tensors.
-    from mri.models import _apply_conv, _SpectralConv
+    from mri.invertible import _apply_conv, _SpectralConv
 
     torch.manual_seed(0)
     conv = _SpectralConv(2, 8, 8, bound=0.5)
