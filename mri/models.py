@@ -21,7 +21,7 @@ from mri._layers import (
     complex_to_channels,
 )
 from mri.dc import ConjugateGradientDC, GradientStepDC, _check_meas
-from mri.invertible import InvertibleResidualCNN
+from mri.invertible import FixedPointError, InvertibleResidualCNN  # noqa: F401 (old import path)
 from mri.physics import Measurement
 
 __all__ = [
