@@ -161,10 +161,16 @@ def test_ctrl_c_while_waiting_propagates_and_keeps_the_update_pending():
     block.fc.weight.register_post_accumulate_grad_hook(lambda p: log.append("update0"))
     gw = GreedyWrapper([block, nn.Linear(8, 8)], splits=2, devices=["cpu", "cpu"])
     gw.train_step(*make_data())
-    timer = threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGINT))
-    timer.start()
-    with pytest.raises(KeyboardInterrupt):
-        gw.synchronize()
+    # A shell starts background jobs with SIGINT ignored, and Python then keeps it ignored:
+    # install Python's own handler so the test does not depend on how pytest was started.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        timer = threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGINT))
+        timer.start()
+        with pytest.raises(KeyboardInterrupt):
+            gw.synchronize()
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert "update0" not in log  # the update was still running when Ctrl-C came
     assert gw._engine.pending[0] is not None
     block.delay = 0.0

@@ -227,6 +227,9 @@ def test_ctrl_c_says_where_the_last_checkpoint_is_and_log_lines_stream(tmp_path)
         [sys.executable, "-m", "mri", "train", *TINY, "--out", str(run), "--iterations",
          "100000", "--set", "train.val_every=1", "--set", "train.log_every=1"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=ENV,
+        # A shell starts background jobs with SIGINT ignored and the child would inherit that
+        # (Python then installs no KeyboardInterrupt handler): give it a terminal's default.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )  # fmt: skip
     try:
         seen = []
