@@ -34,8 +34,8 @@ from typing import Any
 import torch
 
 from greedywrap import format_bytes, track_memory
-from mri.checkpoint import CheckpointError
-from mri.config import Config, ConfigError, load_config
+from mri.checkpoint import CheckpointError, load_checkpoint
+from mri.config import Config, load_config
 from mri.evaluate import evaluate, plot_depth
 from mri.pipeline import batch_to_inputs, make_loader, prepare_builtin
 from mri.train import build_model, build_wrapper, load_trained, train
@@ -176,26 +176,26 @@ def equal_memory_splits(cfg: Config, data: Path, n_deep: int, log) -> tuple[int,
     return n_deep, {"budget": budget, "probes": probes}
 
 
-def finished_seconds(cfg: Config, out: Path) -> float | None:
-    """Training seconds of a finished run of exactly ``cfg`` in ``out``, else ``None``."""
+def is_finished(cfg: Config, out: Path) -> bool:
+    """Whether ``out`` holds a run of exactly this training config that reached its end."""
     try:
         history = json.loads((out / "history.json").read_text())
-        gw, saved = load_trained(out / "best.pt")
-    except (OSError, ValueError, KeyError, CheckpointError, ConfigError):
-        return None
-    gw.close()
+        saved = load_checkpoint(out / "best.pt")["config"]
+    except (OSError, ValueError, KeyError, CheckpointError):
+        return False
     if not history or history[-1]["step"] != cfg.train.iterations:
-        return None
+        return False
     # What shapes the trained model; the evaluation settings and the description may differ.
-    same = all(getattr(saved, k) == getattr(cfg, k) for k in ("data", "model", "train"))
-    return history[-1]["seconds"] if same else None
+    return all(
+        saved.get(k) == dataclasses.asdict(getattr(cfg, k)) for k in ("data", "model", "train")
+    )
 
 
 def run_one(
     cfg: Config, data: Path, out: Path, with_cs: bool, reuse: bool = False
 ) -> dict[str, Any]:
     """Train (or, with ``reuse``, take the finished run in ``out``) and evaluate on test."""
-    if not (reuse and finished_seconds(cfg, out) is not None):
+    if not (reuse and is_finished(cfg, out)):
         train(cfg, out, data, progress=False, overwrite=True)  # a re-run redoes it
     gw, _ = load_trained(out / "best.pt")
     # CS depends only on the test slices, not on the model: compute it once, not per run.

@@ -175,7 +175,6 @@ class Regulariser:
             return []
         if not self.stochastic:
             return self.fixed_shifts
-        assert self.wavelet is not None
         block = 2**self.wavelet.levels
         return [torch.randint(0, block, (len(self.space),), generator=self.gen).tolist()]
 
